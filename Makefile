@@ -1,0 +1,35 @@
+# The README's two commands: `make run` (demo against the embedded fake GitHub, or a real farm
+# with CONFIG=...) and `make test` (lint, type check, the whole test suite).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+EXTRAS ?= dev,docker
+CONFIG ?=
+
+.PHONY: venv test lint typecheck pytest run clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
+	touch $@
+
+venv: $(BIN)/.installed
+
+lint: venv
+	$(BIN)/ruff check outrunner examples tests bench
+	$(BIN)/ruff format --check outrunner examples tests bench
+
+typecheck: venv
+	$(BIN)/mypy --strict outrunner examples
+
+pytest: venv
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test: lint typecheck pytest
+
+run: venv
+	$(BIN)/python examples/run.py $(if $(CONFIG),--config $(CONFIG),--demo)
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

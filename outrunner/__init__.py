@@ -1,0 +1,76 @@
+"""outrunner: ephemeral self-hosted GitHub Actions runners without Kubernetes.
+
+The public API is exactly what ``__all__`` lists. The scale set protocol client is in
+:mod:`outrunner.scaleset`, the backends in :mod:`outrunner.provisioners`, and the test kit (fake
+GitHub, fake runner agent, in-memory provisioner) in :mod:`outrunner.testing`.
+"""
+
+from outrunner._version import __version__
+from outrunner.config import (
+    Config,
+    ConfigError,
+    ConfigProblem,
+    DockerImage,
+    DockerMount,
+    LibvirtImage,
+    LibvirtMount,
+    RunnerConfig,
+    TartImage,
+    TartMount,
+    load_config,
+    resolve_runner_token,
+    resolve_runner_url,
+    resolve_token,
+    resolve_url,
+)
+from outrunner.log import (
+    BoundLogger,
+    JsonFormatter,
+    SimpleHandler,
+    configure_logging,
+    get_logger,
+    register_secret,
+)
+from outrunner.provisioner import OrphanCleaner, Provisioner, RunnerRequest, is_runner_name
+from outrunner.runner import RunnerPhase, RunnerSnapshot, RunnerState
+from outrunner.scaler import Scaler, ScalerError, ScaleSetClient
+from outrunner.service import Service, serve
+from outrunner.worker import ScaleSetWorker
+
+__all__ = [
+    "BoundLogger",
+    "Config",
+    "ConfigError",
+    "ConfigProblem",
+    "DockerImage",
+    "DockerMount",
+    "JsonFormatter",
+    "LibvirtImage",
+    "LibvirtMount",
+    "OrphanCleaner",
+    "Provisioner",
+    "RunnerConfig",
+    "RunnerPhase",
+    "RunnerRequest",
+    "RunnerSnapshot",
+    "RunnerState",
+    "ScaleSetClient",
+    "ScaleSetWorker",
+    "Scaler",
+    "ScalerError",
+    "Service",
+    "SimpleHandler",
+    "TartImage",
+    "TartMount",
+    "__version__",
+    "configure_logging",
+    "get_logger",
+    "is_runner_name",
+    "load_config",
+    "register_secret",
+    "resolve_runner_token",
+    "resolve_runner_url",
+    "resolve_token",
+    "resolve_url",
+    "serve",
+]

@@ -1,0 +1,559 @@
+"""The outrunner configuration file (gha-outrunner 1.2 schema) and credential resolution.
+
+The file maps scale set names to runner definitions; each definition picks exactly one backend
+(Docker, libvirt or Tart). See ``docs/configuration.md`` for every key.
+
+:func:`load_config` is strict: unknown keys, wrong types and impossible values are errors, all
+reported at once, each naming the file, the line and the key path::
+
+    config.yml:14: runners.linux.docker.mounts[0].source: must be an absolute path, got "data"
+
+The schema is declarative (see :mod:`outrunner._schema`): the dataclasses below *are* the
+schema, and adding a key is adding a field.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar, Final, Literal
+
+import yaml
+
+from outrunner._schema import (
+    Check,
+    ConfigProblem,
+    Decoder,
+    FrozenMap,
+    YamlLoader,
+    absolute_path,
+    describe,
+    empty_or,
+    exactly_one_of,
+    http_url,
+    no_tilde,
+    non_blank,
+    positive,
+    quote,
+    rules,
+    unique,
+    unique_by,
+    unique_keys_ignoring_case,
+    without_chars,
+)
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "ConfigProblem",
+    "DockerImage",
+    "DockerMount",
+    "LibvirtImage",
+    "LibvirtMount",
+    "RunnerConfig",
+    "TartImage",
+    "TartMount",
+    "load_config",
+    "resolve_runner_token",
+    "resolve_runner_url",
+    "resolve_token",
+    "resolve_url",
+]
+
+ProviderType = Literal["docker", "libvirt", "tart"]
+
+# --------------------------------------------------------------------------------------------
+# Constraints specific to outrunner
+
+SCALE_SET_NAME_PATTERN: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# Runner names are "<scale set>-<8 hex>"; GitHub caps runner names at 64 characters.
+SCALE_SET_NAME_MAX: Final = 64 - len("-") - 8
+# virtio-fs tags are at most 36 bytes (struct virtio_fs_config in the virtio spec).
+_VIRTIOFS_TAG_MAX: Final = 36
+
+
+def _scale_set_name(name: str) -> str | None:
+    # The name prefixes Docker container names, libvirt domains, Tart VMs and GitHub runner
+    # names; Docker's rule ([a-zA-Z0-9][a-zA-Z0-9_.-]*) is the strictest of these.
+    if not SCALE_SET_NAME_PATTERN.match(name):
+        return (
+            'scale set name must start with a letter or digit and use only letters, digits, "_", '
+            f'"." and "-" (it prefixes container, VM and runner names), got {quote(name)}'
+        )
+    if len(name) > SCALE_SET_NAME_MAX:
+        return (
+            f"scale set name must be at most {SCALE_SET_NAME_MAX} characters (runner names are "
+            f'"<name>-<8 hex>" and GitHub allows 64), got {len(name)}'
+        )
+    return None
+
+
+def _trimmed(value: str) -> str | None:
+    if value != value.strip():
+        return f"must not start or end with whitespace, got {quote(value)}"
+    return None
+
+
+def _virtiofs_tag(source: str) -> str | None:
+    # The libvirt backend derives the virtio-fs tag from the last path component.
+    tag = os.path.basename(source.rstrip("/"))
+    if not tag:
+        return (
+            'must name a directory below "/" (its last component becomes the virtio-fs tag), '
+            f"got {quote(source)}"
+        )
+    if len(tag.encode()) > _VIRTIOFS_TAG_MAX:
+        return (
+            f"last path component becomes the virtio-fs tag and must be at most "
+            f"{_VIRTIOFS_TAG_MAX} bytes, got {quote(tag)}"
+        )
+    return None
+
+
+_TART_DIR_SEPARATOR = without_chars(":", 'tart run --dir uses ":" as its separator')
+
+_DOCKER_HOST_SCHEMES: Final = ("unix://", "tcp://", "ssh://")
+# Docker refuses memory limits below 6 MiB (linuxMinMemory in the engine).
+_DOCKER_MIN_MEMORY: Final = 6
+# outrunner hands the JIT config to the runner in this variable (docker jit_via: env).
+_JIT_ENV: Final = "ACTIONS_RUNNER_INPUT_JITCONFIG"
+
+
+def _docker_host(value: str) -> str | None:
+    scheme = next((s for s in _DOCKER_HOST_SCHEMES if value.startswith(s)), None)
+    rest = value[len(scheme) :] if scheme else ""
+    if scheme is None or not rest or any(c.isspace() for c in value):
+        return f"must be a unix://, tcp:// or ssh:// Docker endpoint, got {quote(value)}"
+    if scheme == "unix://" and not rest.startswith("/"):
+        return f"unix:// endpoint must name an absolute socket path, got {quote(value)}"
+    return None
+
+
+def _no_whitespace(value: str) -> str | None:
+    if any(c.isspace() for c in value):
+        return f"must not contain whitespace, got {quote(value)}"
+    return None
+
+
+def _docker_memory(value: int) -> str | None:
+    if value < _DOCKER_MIN_MEMORY:
+        return f"must be at least {_DOCKER_MIN_MEMORY} (MiB, Docker's minimum), got {value}"
+    return None
+
+
+def _not_negative(value: int) -> str | None:
+    return f"must be 0 or more, got {value}" if value < 0 else None
+
+
+def _env_name(name: str) -> str | None:
+    if not name or "=" in name or "\0" in name:
+        return f'variable names must be non-empty without "=", got {quote(name)}'
+    if name == _JIT_ENV:
+        return f"{name} is reserved: outrunner passes the runner's JIT config in it"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Schema
+
+
+@dataclass(frozen=True)
+class DockerMount:
+    """A bind mount into the runner container."""
+
+    source: str = field(metadata=rules(absolute_path))
+    target: str = field(metadata=rules(absolute_path))
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
+class DockerImage:
+    """A runner in a Docker container started from ``image``."""
+
+    image: str = field(metadata=rules(non_blank))
+    runner_cmd: str = field(default="./run.sh", metadata=rules(non_blank))
+    mounts: tuple[DockerMount, ...] = field(default=(), metadata=rules(unique_by("target")))
+    host: str = field(default="", metadata=rules(empty_or(_docker_host)))
+    """Engine endpoint; empty: ``DOCKER_HOST``, else the active docker context, else the default."""
+    network: str = field(default="", metadata=rules(_no_whitespace))
+    """Empty: Docker's default network."""
+    cpus: float | None = field(default=None, metadata=rules(positive))
+    memory: int | None = field(default=None, metadata=rules(_docker_memory))
+    """MiB."""
+    env: Mapping[str, str] = field(
+        default_factory=FrozenMap[str, str], metadata=rules(keys=(_env_name,))
+    )
+    privileged: bool = False
+    runtime: str = field(default="", metadata=rules(_no_whitespace))
+    """Empty: the engine's default runtime (runc)."""
+    user: str = field(default="", metadata=rules(_no_whitespace))
+    """Empty: the image's user."""
+    jit_via: Literal["env", "arg"] = "env"
+    pull: Literal["missing", "always", "never"] = "missing"
+    auto_remove: bool = True
+    stop_timeout: int = field(default=10, metadata=rules(_not_negative))
+    """Seconds between SIGTERM and SIGKILL when a runner is stopped."""
+
+
+@dataclass(frozen=True)
+class LibvirtMount:
+    """A host directory shared into a libvirt VM with virtio-fs."""
+
+    source: str = field(metadata=rules(absolute_path, _virtiofs_tag))
+
+
+@dataclass(frozen=True)
+class LibvirtImage:
+    """A runner in a libvirt/QEMU VM booted from a copy-on-write overlay of ``path``."""
+
+    path: str = field(metadata=rules(absolute_path))
+    runner_cmd: str = field(default="/actions-runner/run.sh", metadata=rules(non_blank))
+    socket: str = field(default="", metadata=rules(empty_or(absolute_path)))
+    """libvirtd's Unix socket; empty means the backend's default."""
+    cpus: int = field(default=4, metadata=rules(positive))
+    memory: int = field(default=8192, metadata=rules(positive))
+    """MiB."""
+    mount: LibvirtMount | None = None
+
+
+@dataclass(frozen=True)
+class TartMount:
+    """A host directory shared into a Tart VM (``tart run --dir name:source``)."""
+
+    name: str = field(
+        metadata=rules(
+            non_blank, without_chars(":/", 'it becomes a directory name after "--dir name:"')
+        )
+    )
+    source: str = field(metadata=rules(absolute_path, _TART_DIR_SEPARATOR))
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
+class TartImage:
+    """A runner in a Tart VM cloned from ``image`` (an OCI reference or a local VM name)."""
+
+    image: str = field(metadata=rules(non_blank))
+    runner_cmd: str = field(default="/actions-runner/run.sh", metadata=rules(non_blank))
+    cpus: int = field(default=4, metadata=rules(positive))
+    memory: int = field(default=8192, metadata=rules(positive))
+    """MiB."""
+    mounts: tuple[TartMount, ...] = field(default=(), metadata=rules(unique_by("name")))
+
+
+Backend = DockerImage | LibvirtImage | TartImage
+_BACKENDS: Final[tuple[ProviderType, ...]] = ("docker", "libvirt", "tart")
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    """One runner definition: a scale set and the environment each of its runners gets.
+
+    ``url`` and ``token_file`` are per-runner overrides; empty means "use the global ones".
+    Every field has a default so code (and tests) can build partial instances;
+    :func:`load_config` enforces the required keys.
+    """
+
+    name: str = field(default="", metadata=rules(from_key=True))
+    """The scale set name: the key of this entry under ``runners``."""
+    url: str = field(default="", metadata=rules(http_url))
+    token_file: str = field(default="", metadata=rules(non_blank, no_tilde, relative_to_file=True))
+    labels: tuple[str, ...] = field(
+        default=(),
+        metadata=rules(
+            non_blank,
+            unique(ignore_case=True, what="label"),
+            each=(non_blank, _trimmed),
+            required=True,
+        ),
+    )
+    max_runners: int | None = field(default=None, metadata=rules(positive))
+    """``None``: use the global default (the ``--max-runners`` flag)."""
+    runner_group: str = field(default="default", metadata=rules(non_blank))
+    docker: DockerImage | None = field(default=None, metadata=rules(nullable=False))
+    libvirt: LibvirtImage | None = field(default=None, metadata=rules(nullable=False))
+    tart: TartImage | None = field(default=None, metadata=rules(nullable=False))
+
+    __schema_checks__: ClassVar[tuple[Check, ...]] = (exactly_one_of(*_BACKENDS),)
+
+    @property
+    def provider_type(self) -> ProviderType:
+        """Which backend this runner uses.
+
+        Raises :class:`ConfigError` when not exactly one backend is set, which only happens
+        for instances built by hand (Go returns ``""`` there).
+        """
+        present = [kind for kind in _BACKENDS if getattr(self, kind) is not None]
+        if len(present) != 1:
+            found = " and ".join(present) or "none"
+            raise ConfigError(
+                f"runner {quote(self.name)}: must configure exactly one of docker, libvirt or tart "
+                f"(found {found})"
+            )
+        return present[0]
+
+    @property
+    def backend(self) -> Backend:
+        """The one backend section (``docker``, ``libvirt`` or ``tart``)."""
+        backend: Backend = getattr(self, self.provider_type)
+        return backend
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration file."""
+
+    url: str = field(default="", metadata=rules(http_url))
+    token_file: str = field(default="", metadata=rules(non_blank, no_tilde, relative_to_file=True))
+    runners: Mapping[str, RunnerConfig] = field(
+        default_factory=FrozenMap[str, RunnerConfig],
+        metadata=rules(
+            unique_keys_ignoring_case(
+                "scale set names",
+                "GitHub and case-insensitive file systems would treat them as one",
+            ),
+            keys=(_scale_set_name,),
+        ),
+    )
+    """Scale set name -> runner, in file order."""
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+
+
+class ConfigError(ValueError):
+    """The configuration or the credentials it points to are unusable.
+
+    For :func:`load_config` errors, ``source`` is the config path and ``problems`` lists every
+    problem found; the message has one line per problem.
+    """
+
+    _MAX_LISTED: ClassVar[int] = 25
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        source: str | None = None,
+        problems: Sequence[ConfigProblem] = (),
+    ) -> None:
+        super().__init__(message)
+        self.source = source
+        self.problems = tuple(problems)
+
+    @classmethod
+    def from_problems(cls, source: str, problems: Sequence[ConfigProblem]) -> ConfigError:
+        lines = [p.format(source) for p in problems[: cls._MAX_LISTED]]
+        if len(problems) > cls._MAX_LISTED:
+            lines.append(f"{source}: ... and {len(problems) - cls._MAX_LISTED} more problems")
+        return cls("\n".join(lines), source=source, problems=problems)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+# A config file is a few KiB; anything past this is a wrong path (a disk image, /dev/zero).
+_MAX_CONFIG_BYTES: Final = 1 << 20
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read, parse and validate a config file.
+
+    Relative ``token_file`` paths are resolved against the directory of the config file.
+    Raises :class:`ConfigError` for anything wrong with the file; nothing else escapes for bad
+    input.
+    """
+    source = os.fspath(path)
+    text = _read_config_text(source)
+    raw = _parse_yaml(text, source)
+
+    if raw is None:  # an empty file, or only comments
+        raw = {}
+    if not isinstance(raw, dict):
+        raise _single_problem(
+            source,
+            f"top level must be a mapping with url, token_file and runners, got {describe(raw)}",
+        )
+
+    # Like docker compose: top-level "x-..." keys are ignored, as a home for YAML anchors.
+    for key in [k for k in raw if isinstance(k, str) and k.startswith("x-")]:
+        del raw[key]
+
+    decoder = Decoder(base_dir=os.path.dirname(os.path.abspath(source)))
+    runners = raw.get("runners")
+    if runners is None or (isinstance(runners, dict) and not runners):
+        raw.pop("runners", None)
+        decoder.report("", f"no runners configured (uncomment the runners section in {source})")
+    config = decoder.decode(raw, Config)
+    if decoder.problems:
+        problems = sorted(decoder.problems, key=lambda p: p.line or 0)
+        raise ConfigError.from_problems(source, problems)
+    assert isinstance(config, Config)
+    return config
+
+
+def _single_problem(source: str, message: str, line: int | None = None) -> ConfigError:
+    return ConfigError.from_problems(source, [ConfigProblem("", message, line)])
+
+
+def _read_config_text(source: str) -> str:
+    try:
+        with open(source, "rb") as f:
+            data = f.read(_MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError as exc:
+        raise _single_problem(source, "config file not found") from exc
+    except IsADirectoryError as exc:
+        raise _single_problem(source, "is a directory, not a config file") from exc
+    except PermissionError as exc:
+        raise _single_problem(source, "cannot read config file: permission denied") from exc
+    except (OSError, ValueError) as exc:  # ValueError: a path with a NUL byte
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise _single_problem(source, f"cannot read config file: {reason}") from exc
+    if len(data) > _MAX_CONFIG_BYTES:
+        raise _single_problem(
+            source, f"file is larger than {_MAX_CONFIG_BYTES} bytes; is this really a config file?"
+        )
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise _single_problem(source, "file is not valid UTF-8", line) from exc
+
+
+def _parse_yaml(text: str, source: str) -> object:
+    try:
+        return yaml.load(text, Loader=YamlLoader)  # YamlLoader is a SafeLoader
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        what = exc.problem or exc.context or "syntax error"
+        if exc.context and exc.problem:
+            if not exc.context.startswith("while") or exc.context_mark is None:
+                what = f"{exc.context}, {exc.problem}"
+            else:
+                what += f" ({exc.context} started on line {exc.context_mark.line + 1})"
+        line = mark.line + 1 if mark else None
+        column = f" at column {mark.column + 1}" if mark else ""
+        raise _single_problem(source, f"invalid YAML{column}: {what}", line) from exc
+    except yaml.YAMLError as exc:
+        raise _single_problem(source, f"invalid YAML: {exc}") from exc
+    except RecursionError as exc:
+        raise _single_problem(source, "invalid YAML: nested too deeply") from exc
+
+
+# --------------------------------------------------------------------------------------------
+# Credentials and URLs
+
+_NO_TOKEN_MESSAGE: Final = (
+    "no token provided (use --token, GITHUB_TOKEN env var, systemd-creds, or token_file in config)"
+)
+# Tokens are a few hundred bytes; refuse to slurp a wrongly configured large file.
+_MAX_TOKEN_BYTES: Final = 64 * 1024
+_TOKEN_BAD_CHARS: Final = re.compile(r"[\s\x00-\x1f\x7f]")
+
+
+def resolve_token(flag_token: str | None, cfg: Config) -> str:
+    """The GitHub token, from the first source that has one.
+
+    1. ``flag_token`` (the ``--token`` flag), 2. the ``GITHUB_TOKEN`` environment variable,
+    3. ``$CREDENTIALS_DIRECTORY/github-token`` (systemd credentials; skipped when that file does
+    not exist), 4. ``cfg.token_file``. Values are stripped of surrounding whitespace. Raises
+    :class:`ConfigError` (never containing the token) when there is no token, or when a token
+    file is unreadable, empty or holds more than one word.
+    """
+    if flag_token and flag_token.strip():
+        return _checked_token(flag_token.strip(), "--token")
+    env_token = os.environ.get("GITHUB_TOKEN", "").strip()
+    if env_token:
+        return _checked_token(env_token, "GITHUB_TOKEN")
+    credentials_dir = os.environ.get("CREDENTIALS_DIRECTORY", "")
+    if credentials_dir:
+        path = os.path.join(credentials_dir, "github-token")
+        token = _read_token_file(path, "systemd credential", missing_ok=True)
+        if token is not None:
+            return token
+    if cfg.token_file:
+        token = _read_token_file(cfg.token_file, "token_file")
+        assert token is not None
+        return token
+    raise ConfigError(_NO_TOKEN_MESSAGE)
+
+
+def resolve_url(flag_url: str | None, cfg: Config) -> str:
+    """The global GitHub URL: ``flag_url`` (``--url``), else ``cfg.url``."""
+    if flag_url:
+        return _checked_url(flag_url, "--url")
+    if cfg.url:
+        return _checked_url(cfg.url, "url")
+    raise ConfigError("no URL provided (use --url flag or url in config)")
+
+
+def resolve_runner_url(flag_url: str | None, cfg: Config, runner: RunnerConfig) -> str:
+    """A runner's URL: its own ``url`` (which beats ``--url``), else :func:`resolve_url`."""
+    if runner.url:
+        return _checked_url(runner.url, f"{_runner_key(runner)}.url")
+    try:
+        return resolve_url(flag_url, cfg)
+    except ConfigError as exc:
+        if not runner.name:
+            raise
+        raise ConfigError(f"runner {quote(runner.name)}: {exc}") from exc
+
+
+def resolve_runner_token(flag_token: str | None, cfg: Config, runner: RunnerConfig) -> str:
+    """A runner's token: read from its own ``token_file`` if set, else :func:`resolve_token`.
+
+    A runner's ``token_file`` beats even ``--token``: it exists to give that runner a
+    different identity.
+    """
+    if runner.token_file:
+        token = _read_token_file(runner.token_file, f"{_runner_key(runner)}.token_file")
+        assert token is not None
+        return token
+    return resolve_token(flag_token, cfg)
+
+
+def _runner_key(runner: RunnerConfig) -> str:
+    return f"runners.{runner.name}" if runner.name else "runner"
+
+
+def _checked_url(url: str, origin: str) -> str:
+    problem = http_url(url)
+    if problem is not None:
+        raise ConfigError(f"{origin}: {problem}")
+    return url
+
+
+def _checked_token(token: str, origin: str) -> str:
+    if _TOKEN_BAD_CHARS.search(token):
+        raise ConfigError(
+            f"token from {origin} contains whitespace or control characters inside it "
+            "(expected a single token on one line)"
+        )
+    return token
+
+
+def _read_token_file(path: str, origin: str, *, missing_ok: bool = False) -> str | None:
+    where = f"{origin} {quote(path, limit=None)}"
+    try:
+        with open(path, "rb") as f:
+            data = f.read(_MAX_TOKEN_BYTES + 1)
+    except FileNotFoundError as exc:
+        if missing_ok:
+            return None
+        raise ConfigError(f"cannot read {where}: file not found") from exc
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(f"cannot read {where}: {reason}") from exc
+    if len(data) > _MAX_TOKEN_BYTES:
+        raise ConfigError(f"{where} is larger than {_MAX_TOKEN_BYTES} bytes; not a token file")
+    try:
+        token = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        # from None: the decode error carries the file's bytes, i.e. the token.
+        raise ConfigError(f"{where} is not valid UTF-8") from None
+    if not token:
+        raise ConfigError(f"{where} is empty")
+    return _checked_token(token, where)

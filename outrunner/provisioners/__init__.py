@@ -1,0 +1,1 @@
+"""Environment backends: Docker, libvirt/QEMU and Tart."""

@@ -1,0 +1,66 @@
+"""The state of one runner as the Scaler tracks it, and the read-only snapshot it hands out."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+
+__all__ = ["RunnerPhase", "RunnerSnapshot", "RunnerState"]
+
+
+class RunnerPhase(StrEnum):
+    """Where a runner is in its lifecycle; ``str()`` gives the lower-case name used in logs."""
+
+    PROVISIONING = "provisioning"
+    IDLE = "idle"
+    RUNNING = "running"
+    STOPPING = "stopping"
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunnerSnapshot:
+    """A point-in-time copy of a runner's state; safe to keep and compare."""
+
+    name: str
+    runner_id: int
+    phase: RunnerPhase
+    created_at: datetime
+    started_at: datetime | None = None
+
+
+@dataclass(kw_only=True)
+class RunnerState:
+    """Mutable bookkeeping of one runner; owned by the Scaler, mutated only on the event loop."""
+
+    name: str
+    runner_id: int
+    phase: RunnerPhase = RunnerPhase.PROVISIONING
+    created_at: datetime = field(default_factory=_now)
+    started_at: datetime | None = None
+    _done: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+
+    def signal_done(self) -> None:
+        """Tell the lifecycle that the job finished. Safe to call any number of times."""
+        self._done.set()
+
+    @property
+    def is_done(self) -> bool:
+        return self._done.is_set()
+
+    async def wait_done(self) -> None:
+        await self._done.wait()
+
+    def snapshot(self) -> RunnerSnapshot:
+        return RunnerSnapshot(
+            name=self.name,
+            runner_id=self.runner_id,
+            phase=self.phase,
+            created_at=self.created_at,
+            started_at=self.started_at,
+        )

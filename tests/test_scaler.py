@@ -1,0 +1,508 @@
+"""Scaler tests: every case of gha-outrunner's scaler_test.go, plus the concurrency guarantees."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Callable
+
+import pytest
+
+from outrunner.config import DockerImage, RunnerConfig
+from outrunner.provisioner import RunnerRequest
+from outrunner.runner import RunnerPhase, RunnerSnapshot
+from outrunner.scaler import Scaler, ScalerError
+from outrunner.scaleset.errors import RunnerNotFoundError
+from outrunner.scaleset.types import (
+    JitRunnerConfig,
+    JitRunnerSetting,
+    JobCompleted,
+    JobStarted,
+    RunnerReference,
+)
+from outrunner.testing.memory import InMemoryProvisioner
+
+pytestmark = pytest.mark.anyio
+
+RUNNER = RunnerConfig(name="test", labels=("linux",), docker=DockerImage(image="test:latest"))
+
+
+class FakeClient:
+    """Records JIT and remove calls; can be made slow, gated or failing."""
+
+    def __init__(self) -> None:
+        self.next_id = 1
+        self.jit_names: list[str] = []
+        self.removed: list[int] = []
+        self.jit_error: Exception | None = None
+        self.remove_error: Exception | None = None
+        self.jit_delay = 0.0
+        self.jit_gate: asyncio.Event | None = None
+        self.in_flight = 0
+        self.max_in_flight = 0
+
+    async def generate_jit_runner_config(
+        self, setting: JitRunnerSetting, scale_set_id: int
+    ) -> JitRunnerConfig:
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if self.jit_gate is not None:
+                await self.jit_gate.wait()
+            if self.jit_delay:
+                await asyncio.sleep(self.jit_delay)
+            if self.jit_error is not None:
+                raise self.jit_error
+        finally:
+            self.in_flight -= 1
+        runner_id = self.next_id
+        self.next_id += 1
+        self.jit_names.append(setting.name)
+        return JitRunnerConfig(
+            runner=RunnerReference(
+                id=runner_id, name=setting.name, runner_scale_set_id=scale_set_id
+            ),
+            encoded_jit_config="test-jit-config",
+        )
+
+    async def remove_runner(self, runner_id: int) -> None:
+        self.removed.append(runner_id)
+        if self.remove_error is not None:
+            raise self.remove_error
+
+
+def make_scaler(
+    client: FakeClient,
+    prov: InMemoryProvisioner,
+    *,
+    max_runners: int = 10,
+    prefix: str = "test",
+    **kwargs: object,
+) -> Scaler:
+    return Scaler(
+        client,
+        scale_set_id=1,
+        max_runners=max_runners,
+        name_prefix=prefix,
+        runner=RUNNER,
+        provisioner=prov,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 2.0) -> None:
+    """Wait until ``predicate`` holds; the scaler's work happens in tasks we do not await."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.005)
+
+
+def phases(scaler: Scaler) -> list[RunnerPhase]:
+    return [r.phase for r in scaler.runners()]
+
+
+async def test_non_blocking_provisioning() -> None:
+    """Go: TestNonBlockingProvisioning."""
+    client, gate = FakeClient(), asyncio.Event()
+    prov = InMemoryProvisioner(start_gate=gate)
+    s = make_scaler(client, prov)
+    async with asyncio.timeout(2):
+        assert await s.handle_desired_runner_count(1) == 1
+    await eventually(lambda: prov.events == [("start", s.runners()[0].name)])
+    assert phases(s) == [RunnerPhase.PROVISIONING]
+    gate.set()
+    await eventually(lambda: phases(s) == [RunnerPhase.IDLE])
+    await s.shutdown()
+
+
+async def test_happy_path() -> None:
+    """Go: TestHappyPath."""
+    client, prov = FakeClient(), InMemoryProvisioner()
+    s = make_scaler(client, prov)
+    assert await s.handle_desired_runner_count(1) == 1
+    await eventually(lambda: phases(s) == [RunnerPhase.IDLE])
+    name = s.runners()[0].name
+    await s.handle_job_started(JobStarted(runner_name=name))
+    assert phases(s) == [RunnerPhase.RUNNING]
+    await s.handle_job_completed(JobCompleted(runner_name=name, result="succeeded"))
+    await eventually(lambda: s.runners() == [])
+    assert prov.stopped == [name]
+    assert client.removed == [1]
+    assert prov.environments == {}
+    await s.shutdown()
+
+
+async def test_provisioning_failure() -> None:
+    """Go: TestProvisioningFailure. A failed start deregisters and never calls stop."""
+    client = FakeClient()
+    prov = InMemoryProvisioner(start_error=TimeoutError("deadline exceeded"))
+    s = make_scaler(client, prov)
+    assert await s.handle_desired_runner_count(1) == 1
+    await eventually(lambda: s.runners() == [])
+    assert client.removed == [1]
+    assert prov.stopped == []
+    await s.shutdown()
+
+
+async def test_shutdown_during_provisioning() -> None:
+    """Go: TestShutdownDuringProvisioning. Shutdown cancels start, then deregisters."""
+    client, gate = FakeClient(), asyncio.Event()
+    prov = InMemoryProvisioner(start_gate=gate)
+    s = make_scaler(client, prov)
+    await s.handle_desired_runner_count(1)
+    await eventually(lambda: len(prov.events) == 1)
+    assert len(s.runners()) == 1
+    await s.shutdown(timeout=5)
+    assert s.runners() == []
+    assert client.removed == [1]
+    assert [verb for verb, _ in prov.events] == ["start", "start-failed"]
+    assert prov.environments == {}
+
+
+async def test_count_accuracy() -> None:
+    """Go: TestCountAccuracy."""
+    client, prov = FakeClient(), InMemoryProvisioner()
+    s = make_scaler(client, prov)
+    assert await s.handle_desired_runner_count(3) == 3
+    assert await s.handle_desired_runner_count(3) == 3
+    assert len(client.jit_names) == 3
+    await s.shutdown()
+
+
+async def test_shutdown_waits_for_lifecycles() -> None:
+    """Go: TestShutdownWaitsForGoroutines."""
+    client, gate = FakeClient(), asyncio.Event()
+    prov = InMemoryProvisioner(start_gate=gate)
+    s = make_scaler(client, prov)
+    await s.handle_desired_runner_count(2)
+    await eventually(lambda: len(prov.events) == 2)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    await s.shutdown(timeout=5)
+    assert loop.time() - began < 3
+    assert s.runners() == []
+    assert sorted(client.removed) == [1, 2]
+
+
+async def test_concurrent_runners() -> None:
+    """Go: TestConcurrentRunners. Completing in reverse order stops all three."""
+    client, prov = FakeClient(), InMemoryProvisioner()
+    s = make_scaler(client, prov)
+    await s.handle_desired_runner_count(3)
+    await eventually(lambda: phases(s) == [RunnerPhase.IDLE] * 3)
+    for runner in reversed(s.runners()):
+        await s.handle_job_completed(JobCompleted(runner_name=runner.name, result="succeeded"))
+    await eventually(lambda: s.runners() == [])
+    assert len(prov.stopped) == 3
+    assert sorted(client.removed) == [1, 2, 3]
+    await s.shutdown()
+
+
+async def test_max_runners_clamping() -> None:
+    """Go: TestMaxRunnersClamping."""
+    client, prov = FakeClient(), InMemoryProvisioner()
+    s = make_scaler(client, prov, max_runners=2)
+    assert await s.handle_desired_runner_count(10) == 2
+    assert len(client.jit_names) == 2
+    await s.shutdown()
+
+
+async def test_desired_count_zero() -> None:
+    """Go: TestDesiredCountZero."""
+    client, prov = FakeClient(), InMemoryProvisioner()
+    s = make_scaler(client, prov)
+    assert await s.handle_desired_runner_count(0) == 0
+    assert s.runners() == []
+    await s.shutdown()
+
+
+async def test_jit_config_error() -> None:
+    """Go: TestJitConfigError. The error surfaces (it stops the listener) and nothing is tracked."""
+    client, prov = FakeClient(), InMemoryProvisioner()
+    client.jit_error = RuntimeError("GitHub API unavailable")
+    s = make_scaler(client, prov)
+    with pytest.raises(ScalerError, match="generate JIT config: GitHub API unavailable"):
+        await s.handle_desired_runner_count(1)
+    assert s.runners() == []
+    assert await s.handle_desired_runner_count(0) == 0
+    await s.shutdown()
+
+
+async def test_job_completed_unknown_runner() -> None:
+    """Go: TestJobCompletedUnknownRunner."""
+    s = make_scaler(FakeClient(), InMemoryProvisioner())
+    await s.handle_job_completed(JobCompleted(runner_name="nonexistent-runner", result="succeeded"))
+    await s.shutdown()
+
+
+async def test_job_started_unknown_runner() -> None:
+    """Go: TestJobStartedUnknownRunner."""
+    s = make_scaler(FakeClient(), InMemoryProvisioner())
+    await s.handle_job_started(JobStarted(runner_name="nonexistent-runner"))
+    assert s.runners() == []
+    await s.shutdown()
+
+
+async def test_job_completed_during_provisioning() -> None:
+    """Go: TestJobCompletedDuringProvisioning. Stop still runs once start returns."""
+    client, gate = FakeClient(), asyncio.Event()
+    prov = InMemoryProvisioner(start_gate=gate)
+    s = make_scaler(client, prov)
+    await s.handle_desired_runner_count(1)
+    await eventually(lambda: len(prov.events) == 1)
+    name = s.runners()[0].name
+    await s.handle_job_completed(JobCompleted(runner_name=name, result="succeeded"))
+    gate.set()
+    await eventually(lambda: s.runners() == [])
+    assert prov.stopped == [name]
+    assert client.removed == [1]
+    await s.shutdown()
+
+
+async def test_job_started_during_provisioning() -> None:
+    """Go: TestJobStartedDuringProvisioning. RUNNING survives the end of provisioning."""
+    client, gate = FakeClient(), asyncio.Event()
+    prov = InMemoryProvisioner(start_gate=gate)
+    s = make_scaler(client, prov)
+    await s.handle_desired_runner_count(1)
+    await eventually(lambda: len(prov.events) == 1)
+    name = s.runners()[0].name
+    await s.handle_job_started(JobStarted(runner_name=name))
+    assert phases(s) == [RunnerPhase.RUNNING]
+    gate.set()
+    await eventually(lambda: prov.started == [name])
+    assert phases(s) == [RunnerPhase.RUNNING]
+    assert s.runners()[0].started_at is not None
+    await s.shutdown()
+
+
+async def test_shutdown_with_no_runners() -> None:
+    """Go: TestShutdownWithNoRunners."""
+    s = make_scaler(FakeClient(), InMemoryProvisioner())
+    async with asyncio.timeout(1):
+        await s.shutdown(timeout=1)
+
+
+async def test_runner_name_prefix() -> None:
+    """Go: TestRunnerNamePrefix. Names are <prefix>-<8 lowercase hex>."""
+    client, prov = FakeClient(), InMemoryProvisioner()
+    s = make_scaler(client, prov, prefix="my-scale-set")
+    await s.handle_desired_runner_count(1)
+    (runner,) = s.runners()
+    assert re.fullmatch(r"my-scale-set-[0-9a-f]{8}", runner.name)
+    assert client.jit_names == [runner.name]
+    await s.shutdown()
+
+
+# Beyond Go ---------------------------------------------------------------------------------
+
+
+async def test_burst_requests_jit_configs_concurrently_but_bounded() -> None:
+    client, prov = FakeClient(), InMemoryProvisioner()
+    client.jit_delay = 0.05
+    s = make_scaler(client, prov, max_runners=20, jit_concurrency=8)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    assert await s.handle_desired_runner_count(20) == 20
+    # 20 requests of 50 ms in waves of 8 take 3 waves; sequential would take 1 s.
+    assert loop.time() - began < 0.6
+    assert client.max_in_flight == 8
+    assert len(set(client.jit_names)) == 20
+    await s.shutdown()
+
+
+async def test_concurrent_calls_never_overshoot() -> None:
+    client, gate = FakeClient(), asyncio.Event()
+    client.jit_gate = gate
+    s = make_scaler(client, InMemoryProvisioner(), max_runners=5)
+    calls = [asyncio.create_task(s.handle_desired_runner_count(n)) for n in (5, 5, 3, 7)]
+    await eventually(lambda: client.in_flight == 5)
+    gate.set()
+    assert await asyncio.gather(*calls) == [5, 5, 5, 5]
+    assert len(client.jit_names) == 5
+    assert await s.handle_desired_runner_count(5) == 5
+    await s.shutdown()
+
+
+async def test_count_includes_runners_being_added_by_other_calls() -> None:
+    client, gate = FakeClient(), asyncio.Event()
+    client.jit_gate = gate
+    s = make_scaler(client, InMemoryProvisioner())
+    first = asyncio.create_task(s.handle_desired_runner_count(2))
+    await eventually(lambda: client.in_flight == 2)
+    assert await s.handle_desired_runner_count(1) == 2
+    gate.set()
+    assert await first == 2
+    await s.shutdown()
+
+
+async def test_partial_jit_failure_keeps_the_runners_that_registered() -> None:
+    client, prov = FakeClient(), InMemoryProvisioner()
+    calls = 0
+    real = client.generate_jit_runner_config
+
+    async def flaky(setting: JitRunnerSetting, scale_set_id: int) -> JitRunnerConfig:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise RuntimeError("boom")
+        return await real(setting, scale_set_id)
+
+    client.generate_jit_runner_config = flaky  # type: ignore[method-assign]
+    s = make_scaler(client, prov)
+    with pytest.raises(ScalerError, match="boom"):
+        await s.handle_desired_runner_count(3)
+    assert len(s.runners()) == 2
+    assert await s.handle_desired_runner_count(3) == 3
+    await s.shutdown()
+    assert sorted(client.removed) == [1, 2, 3]
+
+
+async def test_shutdown_while_jit_in_flight_deregisters_and_starts_nothing() -> None:
+    client, gate = FakeClient(), asyncio.Event()
+    client.jit_gate = gate
+    prov = InMemoryProvisioner()
+    s = make_scaler(client, prov)
+    call = asyncio.create_task(s.handle_desired_runner_count(2))
+    await eventually(lambda: client.in_flight == 2)
+    await s.shutdown()
+    gate.set()
+    assert await call == 0
+    assert sorted(client.removed) == [1, 2]
+    assert prov.events == []
+    assert await s.handle_desired_runner_count(5) == 0
+
+
+async def test_shutdown_stops_idle_and_running_runners() -> None:
+    client, prov = FakeClient(), InMemoryProvisioner()
+    s = make_scaler(client, prov)
+    await s.handle_desired_runner_count(2)
+    await eventually(lambda: phases(s) == [RunnerPhase.IDLE] * 2)
+    await s.handle_job_started(JobStarted(runner_name=s.runners()[0].name))
+    await s.shutdown()
+    assert s.runners() == []
+    assert len(prov.stopped) == 2
+    assert prov.environments == {}
+    assert sorted(client.removed) == [1, 2]
+
+
+async def test_stop_failure_still_deregisters() -> None:
+    client, prov = FakeClient(), InMemoryProvisioner()
+
+    async def failing_stop(name: str) -> None:
+        raise RuntimeError("daemon gone")
+
+    prov.stop = failing_stop  # type: ignore[method-assign]
+    s = make_scaler(client, prov)
+    await s.handle_desired_runner_count(1)
+    await eventually(lambda: phases(s) == [RunnerPhase.IDLE])
+    await s.handle_job_completed(JobCompleted(runner_name=s.runners()[0].name))
+    await eventually(lambda: s.runners() == [])
+    assert client.removed == [1]
+    await s.shutdown()
+
+
+async def test_stop_timeout_is_bounded_and_still_deregisters() -> None:
+    client, prov = FakeClient(), InMemoryProvisioner()
+
+    async def hanging_stop(name: str) -> None:
+        await asyncio.Event().wait()
+
+    prov.stop = hanging_stop  # type: ignore[method-assign]
+    s = make_scaler(client, prov, stop_timeout=0.05)
+    await s.handle_desired_runner_count(1)
+    await eventually(lambda: phases(s) == [RunnerPhase.IDLE])
+    await s.handle_job_completed(JobCompleted(runner_name=s.runners()[0].name))
+    await eventually(lambda: s.runners() == [])
+    assert client.removed == [1]
+    await s.shutdown()
+
+
+async def test_runner_already_gone_at_github_is_not_a_failure() -> None:
+    client, prov = FakeClient(), InMemoryProvisioner()
+    client.remove_error = RunnerNotFoundError("runner not found")
+    s = make_scaler(client, prov)
+    await s.handle_desired_runner_count(1)
+    await eventually(lambda: phases(s) == [RunnerPhase.IDLE])
+    await s.handle_job_completed(JobCompleted(runner_name=s.runners()[0].name))
+    await eventually(lambda: s.runners() == [])
+    assert client.removed == [1]
+    await s.shutdown()
+
+
+async def test_shutdown_timeout_cancels_stuck_lifecycles() -> None:
+    client, prov = FakeClient(), InMemoryProvisioner()
+    stop_cancelled = asyncio.Event()
+
+    async def hanging_stop(name: str) -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            stop_cancelled.set()
+            raise
+
+    prov.stop = hanging_stop  # type: ignore[method-assign]
+    s = make_scaler(client, prov)
+    await s.handle_desired_runner_count(1)
+    await eventually(lambda: phases(s) == [RunnerPhase.IDLE])
+    async with asyncio.timeout(2):
+        await s.shutdown(timeout=0.1)
+    assert stop_cancelled.is_set()
+    assert s.runners() == []
+
+
+async def test_phase_observer_sees_every_transition() -> None:
+    client, prov = FakeClient(), InMemoryProvisioner()
+    seen: list[tuple[str, RunnerPhase | None]] = []
+
+    def observe(name: str, snap: RunnerSnapshot | None) -> None:
+        seen.append((name, None if snap is None else snap.phase))
+
+    s = make_scaler(client, prov, on_phase_change=observe)
+    await s.handle_desired_runner_count(1)
+    await eventually(lambda: phases(s) == [RunnerPhase.IDLE])
+    name = s.runners()[0].name
+    await s.handle_job_started(JobStarted(runner_name=name))
+    await s.handle_job_completed(JobCompleted(runner_name=name))
+    await eventually(lambda: s.runners() == [])
+    assert [phase for _, phase in seen] == [
+        RunnerPhase.PROVISIONING,
+        RunnerPhase.IDLE,
+        RunnerPhase.RUNNING,
+        RunnerPhase.STOPPING,
+        None,
+    ]
+    assert {n for n, _ in seen} == {name}
+    await s.shutdown()
+
+
+async def test_provisioner_receives_the_jit_config_and_runner_entry() -> None:
+    client = FakeClient()
+    requests: list[RunnerRequest] = []
+
+    async def workload(request: RunnerRequest) -> None:
+        requests.append(request)
+
+    s = make_scaler(client, InMemoryProvisioner(workload=workload))
+    await s.handle_desired_runner_count(1)
+    await eventually(lambda: len(requests) == 1)
+    assert requests[0].jit_config == "test-jit-config"
+    assert requests[0].runner is RUNNER
+    assert "test-jit-config" not in repr(requests[0])
+    await s.shutdown()
+
+
+async def test_max_runners_can_change_at_run_time() -> None:
+    client, prov = FakeClient(), InMemoryProvisioner()
+    s = make_scaler(client, prov, max_runners=1)
+    assert await s.handle_desired_runner_count(3) == 1
+    s.max_runners = 3
+    assert await s.handle_desired_runner_count(3) == 3
+    with pytest.raises(ValueError, match="max_runners"):
+        s.max_runners = -1
+    await s.shutdown()
+
+
+def test_negative_max_runners_is_rejected() -> None:
+    with pytest.raises(ValueError, match="max_runners"):
+        make_scaler(FakeClient(), InMemoryProvisioner(), max_runners=-1)
