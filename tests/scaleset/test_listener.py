@@ -1,0 +1,303 @@
+"""The listener loop of §7, driven by a fake message source and a recording scaler."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+
+from outrunner.scaleset import (
+    NIL_SESSION_ID,
+    JobAvailable,
+    JobCompleted,
+    JobStarted,
+    Listener,
+    MessageQueueTokenExpiredError,
+    ProtocolError,
+    RunnerScaleSetMessage,
+    RunnerScaleSetSession,
+    RunnerScaleSetStatistic,
+)
+
+pytestmark = pytest.mark.anyio
+
+Call = tuple[object, ...]
+
+
+def stats(assigned: int) -> RunnerScaleSetStatistic:
+    return RunnerScaleSetStatistic(total_assigned_jobs=assigned)
+
+
+def session(
+    statistics: RunnerScaleSetStatistic | None = None, session_id: str = "sid"
+) -> RunnerScaleSetSession:
+    return RunnerScaleSetSession(session_id=session_id, statistics=statistics)
+
+
+class FakeSource:
+    """Serves scripted poll results, then blocks like an idle long poll."""
+
+    def __init__(
+        self,
+        calls: list[Call],
+        polls: Sequence[RunnerScaleSetMessage | Exception | None],
+        initial: RunnerScaleSetSession | None = None,
+    ) -> None:
+        self.calls = calls
+        self.polls = list(polls)
+        self._session = initial or session(stats(1))
+        self.polling = asyncio.Event()
+
+    @property
+    def session(self) -> RunnerScaleSetSession:
+        return self._session
+
+    async def get_message(
+        self, last_message_id: int, max_capacity: int
+    ) -> RunnerScaleSetMessage | None:
+        self.calls.append(("get", last_message_id, max_capacity))
+        if not self.polls:
+            self.polling.set()
+            await asyncio.Event().wait()
+        item = self.polls.pop(0)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    async def delete_message(self, message_id: int) -> None:
+        self.calls.append(("delete", message_id))
+
+    async def acquire_jobs(self, request_ids: Sequence[int]) -> list[int]:
+        self.calls.append(("acquire", list(request_ids)))
+        return list(request_ids[:1])
+
+
+class FakeScaler:
+    def __init__(self, calls: list[Call]) -> None:
+        self.calls = calls
+        self.gate: asyncio.Event | None = None  # when set, job-started waits for it
+        self.entered = asyncio.Event()
+        self.fail_on: str | None = None
+
+    async def handle_desired_runner_count(self, count: int) -> int:
+        self.calls.append(("desired", count))
+        return count + 100
+
+    async def handle_job_started(self, job: JobStarted) -> None:
+        self.calls.append(("started", job.runner_name))
+        if self.gate is not None:
+            self.entered.set()
+            await self.gate.wait()
+
+    async def handle_job_completed(self, job: JobCompleted) -> None:
+        self.calls.append(("completed", job.runner_name))
+        if self.fail_on == job.runner_name:
+            raise RuntimeError("provisioner exploded")
+
+
+class RecordingMetrics:
+    def __init__(self, calls: list[Call]) -> None:
+        self.calls = calls
+
+    def record_statistics(self, statistics: RunnerScaleSetStatistic) -> None:
+        self.calls.append(("m.statistics", statistics.total_assigned_jobs))
+
+    def record_job_started(self, job: JobStarted) -> None:
+        self.calls.append(("m.started", job.runner_name))
+
+    def record_job_completed(self, job: JobCompleted) -> None:
+        self.calls.append(("m.completed", job.runner_name))
+
+    def record_desired_runners(self, count: int) -> None:
+        self.calls.append(("m.desired", count))
+
+
+def message(
+    message_id: int,
+    assigned: int | None,
+    *,
+    available: int = 0,
+    started: Sequence[str] = (),
+    completed: Sequence[str] = (),
+) -> RunnerScaleSetMessage:
+    return RunnerScaleSetMessage(
+        message_id=message_id,
+        message_type="RunnerScaleSetJobMessages",
+        statistics=None if assigned is None else stats(assigned),
+        jobs_available=tuple(JobAvailable(runner_request_id=i + 1) for i in range(available)),
+        jobs_started=tuple(JobStarted(runner_name=name) for name in started),
+        jobs_completed=tuple(JobCompleted(runner_name=name) for name in completed),
+    )
+
+
+async def run_until_idle(listener: Listener, source: FakeSource, scaler: FakeScaler) -> None:
+    """Run until the source has nothing left and is long-polling, then cancel."""
+    task = asyncio.create_task(listener.run(scaler))
+    await asyncio.wait_for(source.polling.wait(), 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_order_of_a_message() -> None:
+    calls: list[Call] = []
+    source = FakeSource(calls, [message(12, 4, available=2, started=["a", "b"], completed=["c"])])
+    scaler = FakeScaler(calls)
+    listener = Listener(source, max_runners=3, metrics=RecordingMetrics(calls))
+    await run_until_idle(listener, source, scaler)
+    assert calls == [
+        ("m.statistics", 1),
+        ("desired", 1),
+        ("m.desired", 101),
+        ("get", 0, 3),
+        ("m.statistics", 4),
+        ("delete", 12),
+        ("acquire", [1, 2]),
+        ("m.started", "a"),
+        ("started", "a"),
+        ("m.started", "b"),
+        ("started", "b"),
+        ("m.completed", "c"),
+        ("completed", "c"),
+        ("desired", 4),
+        ("m.desired", 104),
+        ("get", 12, 3),
+    ]
+    assert listener.last_message_id == 12
+
+
+async def test_empty_poll_uses_latest_statistics() -> None:
+    calls: list[Call] = []
+    source = FakeSource(calls, [None, message(7, 5), None, message(8, None), None])
+    listener = Listener(source, max_runners=2, metrics=RecordingMetrics(calls))
+    await run_until_idle(listener, source, FakeScaler(calls))
+    desired = [c for c in calls if c[0] in ("desired", "m.desired")]
+    assert desired == [
+        ("desired", 1),
+        ("m.desired", 101),
+        ("desired", 1),  # 202: session statistics, not recorded as a metric
+        ("desired", 5),
+        ("m.desired", 105),
+        ("desired", 5),  # 202 after message 7
+        ("desired", 5),  # message 8 carried no statistics: keep the last ones
+        ("m.desired", 105),
+        ("desired", 5),
+    ]
+    assert ("get", 8, 2) in calls
+
+
+async def test_no_acquire_without_available_jobs() -> None:
+    calls: list[Call] = []
+    source = FakeSource(calls, [message(1, 0, started=["a"])])
+    await run_until_idle(Listener(source, max_runners=1), source, FakeScaler(calls))
+    assert not [c for c in calls if c[0] == "acquire"]
+
+
+@pytest.mark.parametrize(
+    ("initial", "error"),
+    [
+        (session(stats(1), session_id=NIL_SESSION_ID), "initial session is nil"),
+        (session(stats(1), session_id=""), "initial session is nil"),
+        (session(None), "session statistics is nil"),
+    ],
+)
+async def test_initial_checks(initial: RunnerScaleSetSession, error: str) -> None:
+    calls: list[Call] = []
+    source = FakeSource(calls, [], initial)
+    with pytest.raises(ProtocolError, match=error):
+        await Listener(source, max_runners=1).run(FakeScaler(calls))
+    assert calls == []
+
+
+async def test_cancel_during_long_poll_is_clean() -> None:
+    calls: list[Call] = []
+    source = FakeSource(calls, [])
+    await run_until_idle(Listener(source, max_runners=1), source, FakeScaler(calls))
+    assert calls == [("desired", 1), ("get", 0, 1)]
+
+
+async def test_message_handling_finishes_despite_cancellation() -> None:
+    calls: list[Call] = []
+    source = FakeSource(calls, [message(3, 2, started=["a"], completed=["b"])])
+    scaler = FakeScaler(calls)
+    scaler.gate = asyncio.Event()
+    task = asyncio.create_task(Listener(source, max_runners=1).run(scaler))
+    await asyncio.wait_for(scaler.entered.wait(), 5)
+    task.cancel()
+    await asyncio.sleep(0)
+    task.cancel()  # twice: still finishes
+    await asyncio.sleep(0.01)
+    assert not task.done()
+    scaler.gate.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert calls[-3:] == [("started", "a"), ("completed", "b"), ("desired", 2)]
+    assert ("get", 3, 1) not in calls  # no new poll after the cancellation
+
+
+async def test_handler_error_propagates_with_a_note() -> None:
+    calls: list[Call] = []
+    source = FakeSource(calls, [message(3, 2, completed=["x"])])
+    scaler = FakeScaler(calls)
+    scaler.fail_on = "x"
+    with pytest.raises(RuntimeError, match="provisioner exploded") as caught:
+        await Listener(source, max_runners=1).run(scaler)
+    assert any("handling message 3: job completed" in note for note in caught.value.__notes__)
+    assert ("desired", 2) not in calls
+
+
+async def test_get_error_propagates_typed_and_run_is_restartable() -> None:
+    calls: list[Call] = []
+    expired = MessageQueueTokenExpiredError("token expired", status=401)
+    source = FakeSource(calls, [message(9, 1), expired, None])
+    scaler = FakeScaler(calls)
+    listener = Listener(source, max_runners=1)
+    with pytest.raises(MessageQueueTokenExpiredError) as caught:
+        await listener.run(scaler)
+    assert caught.value is expired
+    assert any("getting the next message" in note for note in expired.__notes__)
+    assert listener.last_message_id == 9
+    calls.clear()
+    await run_until_idle(listener, source, scaler)
+    assert calls[:3] == [("desired", 1), ("get", 9, 1), ("desired", 1)]
+
+
+async def test_last_message_id_can_be_handed_to_a_new_listener() -> None:
+    calls: list[Call] = []
+    source = FakeSource(calls, [])
+    await run_until_idle(
+        Listener(source, max_runners=1, last_message_id=41), source, FakeScaler(calls)
+    )
+    assert ("get", 41, 1) in calls
+
+
+async def test_set_max_runners() -> None:
+    calls: list[Call] = []
+    source = FakeSource(calls, [None])
+    listener = Listener(source, max_runners=1)
+    listener.set_max_runners(0)
+    await run_until_idle(listener, source, FakeScaler(calls))
+    assert [c for c in calls if c[0] == "get"] == [("get", 0, 0), ("get", 0, 0)]
+    for bad in (-1, 2**31):
+        with pytest.raises(ValueError, match="max_runners"):
+            listener.set_max_runners(bad)
+    with pytest.raises(ValueError, match="max_runners"):
+        Listener(source, max_runners=-1)
+
+
+async def test_failure_after_cancellation_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    calls: list[Call] = []
+    source = FakeSource(calls, [message(3, 2, started=["a"], completed=["x"])])
+    scaler = FakeScaler(calls)
+    scaler.gate = asyncio.Event()
+    scaler.fail_on = "x"
+    task = asyncio.create_task(Listener(source, max_runners=1).run(scaler))
+    await asyncio.wait_for(scaler.entered.wait(), 5)
+    task.cancel()
+    await asyncio.sleep(0)
+    scaler.gate.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert "Handling a message failed after cancellation" in caplog.text
+    assert "provisioner exploded" in caplog.text
