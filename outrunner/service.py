@@ -1,0 +1,202 @@
+"""Service: a whole Config as running workers (what gha-outrunner's main.go does, as a library).
+
+For every runner entry it resolves the URL and token (runner's own first), shares one scale set
+client per distinct (URL, token), builds the entry's provisioner and runs a ScaleSetWorker.
+:meth:`Service.run` returns when :meth:`Service.stop` is called (the runner script wires SIGINT and
+SIGTERM to it) or raises when a worker cannot set up its scale set. Either way every worker stops
+its runners, deregisters them, deletes its message session and closes its provisioner first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from outrunner._version import __version__
+from outrunner.config import (
+    Config,
+    ConfigError,
+    RunnerConfig,
+    resolve_runner_token,
+    resolve_runner_url,
+)
+from outrunner.log import BoundLogger, get_logger, register_secret
+from outrunner.provisioner import Provisioner
+from outrunner.runner import RunnerSnapshot
+from outrunner.scaleset.auth import PersonalAccessToken
+from outrunner.scaleset.client import Client, SystemInfo
+from outrunner.worker import ScaleSetWorker
+
+__all__ = ["ClientFactory", "ProvisionerFactory", "Service", "default_provisioner", "serve"]
+
+ProvisionerFactory = Callable[[RunnerConfig], Provisioner]
+ClientFactory = Callable[[str, str], Client]
+
+DEFAULT_MAX_RUNNERS = 2
+
+
+def default_provisioner(runner: RunnerConfig) -> Provisioner:
+    """The backend a runner entry names; imported lazily so unused extras need not be installed."""
+    kind = runner.provider_type
+    try:
+        if kind == "docker":
+            from outrunner.provisioners.docker import DockerProvisioner
+
+            return DockerProvisioner.for_runner(
+                runner, logger=get_logger("outrunner.docker", scale_set=runner.name)
+            )
+    except ImportError as exc:
+        raise ConfigError(
+            f"runners.{runner.name}: the {kind} backend needs the '{kind}' extra "
+            f"(pip install 'outrunner[{kind}]'): {exc}"
+        ) from exc
+    raise ConfigError(f"runners.{runner.name}: the {kind} backend is not available in this build")
+
+
+def _default_client(url: str, token: str) -> Client:
+    info = SystemInfo(system="outrunner", version=__version__, subsystem="outrunner")
+    return Client(url, PersonalAccessToken(token), system_info=info)
+
+
+def _owner() -> str:
+    return socket.gethostname() or str(uuid.uuid4())
+
+
+@dataclass(frozen=True)
+class _Plan:
+    runner: RunnerConfig
+    url: str
+    token: str
+    max_runners: int
+
+
+class Service:
+    """Runs every scale set of a Config until stopped."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        url: str | None = None,
+        token: str | None = None,
+        max_runners: int = DEFAULT_MAX_RUNNERS,
+        provisioner_factory: ProvisionerFactory = default_provisioner,
+        client_factory: ClientFactory = _default_client,
+        owner: str | None = None,
+        shutdown_timeout: float = 30.0,
+        logger: BoundLogger | None = None,
+    ) -> None:
+        if max_runners < 1:
+            raise ConfigError(f"--max-runners must be at least 1, got {max_runners}")
+        self._log = logger or get_logger("outrunner.service")
+        self._plans = [
+            self._plan(config, runner, url, token, max_runners)
+            for runner in config.runners.values()
+        ]
+        self._provisioner_factory = provisioner_factory
+        self._client_factory = client_factory
+        self._owner = owner or _owner()
+        self._shutdown_timeout = shutdown_timeout
+        self._stop = asyncio.Event()
+        self._workers_created = asyncio.Event()
+        self.workers: list[ScaleSetWorker] = []
+
+    @staticmethod
+    def _plan(
+        config: Config, runner: RunnerConfig, url: str | None, token: str | None, max_runners: int
+    ) -> _Plan:
+        resolved_token = resolve_runner_token(token, config, runner)
+        # Mask the token in every log line from here on, whoever prints it.
+        register_secret(resolved_token)
+        return _Plan(
+            runner=runner,
+            url=resolve_runner_url(url, config, runner),
+            token=resolved_token,
+            max_runners=runner.max_runners or max_runners,
+        )
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to shut down; safe from a signal handler (call_soon_threadsafe)."""
+        self._stop.set()
+
+    def runners(self) -> dict[str, list[RunnerSnapshot]]:
+        """Every scale set's tracked runners."""
+        return {worker.name: worker.runners() for worker in self.workers}
+
+    async def wait_ready(self) -> None:
+        """Wait until every scale set exists and listens (tests, demos, health checks)."""
+        await self._workers_created.wait()
+        await asyncio.gather(*(worker.ready.wait() for worker in self.workers))
+
+    async def run(self) -> None:
+        clients: dict[tuple[str, str], Client] = {}
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            for plan in self._plans:
+                key = (plan.url, plan.token)
+                if key not in clients:
+                    clients[key] = self._client_factory(plan.url, plan.token)
+                    self._log.info("Created scaleset client", url=plan.url)
+                worker = ScaleSetWorker(
+                    clients[key],
+                    plan.runner,
+                    max_runners=plan.max_runners,
+                    provisioner=self._provisioner_factory(plan.runner),
+                    owner=self._owner,
+                    logger=self._log.bind(scale_set=plan.runner.name),
+                    shutdown_timeout=self._shutdown_timeout,
+                )
+                self.workers.append(worker)
+                tasks.append(asyncio.create_task(worker.run(), name=f"worker:{worker.name}"))
+            self._workers_created.set()
+            stop = asyncio.create_task(self._stop.wait())
+            done, _ = await asyncio.wait([*tasks, stop], return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            failed = next(
+                (t for t in done if t is not stop and not t.cancelled() and t.exception()), None
+            )
+            if failed is not None:
+                raise failed.exception()  # type: ignore[misc]
+        finally:
+            await self._shutdown(tasks)
+            for client in clients.values():
+                await client.aclose()
+        self._log.info("Shut down cleanly")
+
+    async def _shutdown(self, tasks: list[asyncio.Task[None]]) -> None:
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+        for task in tasks:
+            if not task.cancelled() and task.exception() is not None:
+                self._log.error(
+                    "Scale set worker failed", task=task.get_name(), error=str(task.exception())
+                )
+
+
+async def serve(service: Service) -> None:
+    """Run ``service`` until SIGINT or SIGTERM, then shut it down cleanly (bounded).
+
+    A second signal while shutting down is left to the default handler, so an impatient operator
+    can still interrupt a stuck shutdown.
+    """
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGINT, signal.SIGTERM)
+
+    def on_signal(signum: int) -> None:
+        service.stop()
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+
+    for sig in signals:
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        await service.run()
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)

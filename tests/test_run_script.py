@@ -1,0 +1,78 @@
+"""examples/run.py as a user runs it: a subprocess, its exit status and what it prints."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import outrunner
+
+SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "run.py"
+
+
+def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def test_version() -> None:
+    result = run("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"outrunner {outrunner.__version__}"
+
+
+def test_missing_config_is_one_clear_line(tmp_path: Path) -> None:
+    result = run("--config", str(tmp_path / "nope.yml"))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("outrunner: error: ")
+    assert "nope.yml" in lines[0]
+
+
+def test_bad_config_names_file_key_and_value(tmp_path: Path) -> None:
+    config = tmp_path / "farm.yml"
+    config.write_text(
+        "url: https://github.com/org\nrunners:\n  linux:\n    labels: [linux]\n"
+        '    max_runners: "2"\n    docker: {image: x}\n'
+    )
+    result = run("--config", str(config))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "farm.yml" in result.stderr
+    assert "runners.linux.max_runners" in result.stderr
+    assert '"2"' in result.stderr
+
+
+def test_missing_token_is_a_clear_error(tmp_path: Path) -> None:
+    config = tmp_path / "farm.yml"
+    config.write_text(
+        "url: https://github.com/org\nrunners:\n  linux:\n    labels: [linux]\n"
+        "    docker: {image: x}\n"
+    )
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "token" in result.stderr.lower()
+
+
+def test_demo_runs_every_job_and_leaves_nothing() -> None:
+    result = run("--demo", "--demo-jobs", "4")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "jobs:                4 (succeeded=4)" in result.stdout
+    assert "leftover runners:    0" in result.stdout
+    assert "verdict:             OK" in result.stdout

@@ -1,0 +1,312 @@
+"""Service and ScaleSetWorker against FakeGitHub over real HTTP, with in-memory environments."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from outrunner.config import Config, DockerImage, RunnerConfig
+from outrunner.log import SimpleHandler
+from outrunner.provisioner import Provisioner, RunnerRequest
+from outrunner.scaleset import Client, NameLookupError, PersonalAccessToken, RetryPolicy
+from outrunner.scaleset.types import Label
+from outrunner.service import Service, serve
+from outrunner.testing import Endpoint, FakeGitHub, InMemoryProvisioner, run_agent
+from outrunner.worker import Backoff, ScaleSetWorker, labels_match
+
+pytestmark = pytest.mark.anyio
+
+TOKEN = "ghp_serviceTestToken_abcdefghijklmnop"
+
+
+async def agent(request: RunnerRequest) -> object:
+    return await run_agent(request.jit_config, poll_timeout=1.0, timeout=30)
+
+
+def runner(name: str = "linux", labels: tuple[str, ...] = ("linux",), **kw: object) -> RunnerConfig:
+    return RunnerConfig(
+        name=name,
+        labels=labels,
+        docker=DockerImage(image="unused:latest"),
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def fast_client(url: str, token: str) -> Client:
+    return Client(url, PersonalAccessToken(token), retry=RetryPolicy(wait_min=0.01, wait_max=0.05))
+
+
+@asynccontextmanager
+async def running(service: Service) -> AsyncIterator[asyncio.Task[None]]:
+    task = asyncio.create_task(service.run())
+    try:
+        async with asyncio.timeout(10):
+            done, _ = await asyncio.wait(
+                {task, asyncio.ensure_future(service.wait_ready())},
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        if task in done:
+            task.result()
+        yield task
+    finally:
+        service.stop()
+        async with asyncio.timeout(30):
+            await asyncio.wait({task})
+
+
+def memory_factory(
+    provisioners: dict[str, InMemoryProvisioner],
+) -> Callable[[RunnerConfig], Provisioner]:
+    def factory(entry: RunnerConfig) -> Provisioner:
+        provisioners[entry.name] = InMemoryProvisioner(workload=agent)
+        return provisioners[entry.name]
+
+    return factory
+
+
+async def test_jobs_run_and_nothing_is_left_after_stop() -> None:
+    async with FakeGitHub(pat=TOKEN, long_poll_timeout=0.5) as gh:
+        provisioners: dict[str, InMemoryProvisioner] = {}
+        config = Config(url=gh.config_url(), runners={"linux": runner(max_runners=2)})
+        service = Service(
+            config,
+            token=TOKEN,
+            provisioner_factory=memory_factory(provisioners),
+            client_factory=fast_client,
+            owner="test-host",
+        )
+        async with running(service) as task:
+            for _ in range(4):
+                gh.queue_job(["linux"], duration=0.05)
+            await gh.wait_until_jobs_completed_async(4, timeout=30)
+        assert task.done()
+        assert task.exception() is None
+        assert {job.result for job in gh.jobs()} == {"succeeded"}
+        assert provisioners["linux"].max_concurrent <= 2
+        assert provisioners["linux"].environments == {}
+        assert provisioners["linux"].closed
+        assert gh.runners() == []
+        assert gh.sessions() == []
+        # Scale sets are kept for the next start.
+        assert [s.name for s in gh.scale_sets()] == ["linux"]
+        created = gh.requests_to(Endpoint.CREATE_SCALE_SET)[0].json
+        assert created["labels"] == [{"type": "User", "name": "linux"}]
+        assert created["RunnerSetting"] == {"disableUpdate": True}
+        assert gh.requests_to(Endpoint.CREATE_SESSION)[0].json["ownerName"] == "test-host"
+
+
+async def test_existing_scale_set_is_reused_and_labels_updated_only_when_they_differ() -> None:
+    async with FakeGitHub(pat=TOKEN, long_poll_timeout=0.3) as gh:
+        same = gh.create_scale_set("same", ["linux", "x64"])
+        differ = gh.create_scale_set("differ", ["old"])
+        config = Config(
+            url=gh.config_url(),
+            runners={
+                "same": runner("same", ("x64", "linux")),
+                "differ": runner("differ", ("new",)),
+            },
+        )
+        service = Service(
+            config, token=TOKEN, provisioner_factory=memory_factory({}), client_factory=fast_client
+        )
+        async with running(service):
+            pass
+        assert gh.requests_to(Endpoint.CREATE_SCALE_SET) == []
+        updates = gh.requests_to(Endpoint.UPDATE_SCALE_SET)
+        assert [u.path.rsplit("/", 1)[1] for u in updates] == [str(differ)]
+        assert updates[0].json["labels"] == [{"type": "User", "name": "new"}]
+        # The whole object goes back, as gha-outrunner does.
+        assert updates[0].json["name"] == "differ"
+        assert updates[0].json["id"] == differ
+        assert {s.id for s in gh.scale_sets()} == {same, differ}
+
+
+async def test_runner_group_is_looked_up_by_name() -> None:
+    async with FakeGitHub(pat=TOKEN, long_poll_timeout=0.3) as gh:
+        group = gh.add_runner_group("farm")
+        config = Config(url=gh.config_url(), runners={"linux": runner(runner_group="farm")})
+        service = Service(
+            config, token=TOKEN, provisioner_factory=memory_factory({}), client_factory=fast_client
+        )
+        async with running(service):
+            pass
+        assert gh.requests_to(Endpoint.GET_RUNNER_GROUP)[0].query["groupName"] == "farm"
+        assert gh.requests_to(Endpoint.CREATE_SCALE_SET)[0].json["runnerGroupId"] == group
+
+
+async def test_missing_runner_group_is_a_clear_error_and_leaks_nothing() -> None:
+    async with FakeGitHub(pat=TOKEN, long_poll_timeout=0.3) as gh:
+        provisioners: dict[str, InMemoryProvisioner] = {}
+        config = Config(url=gh.config_url(), runners={"linux": runner(runner_group="nope")})
+        service = Service(
+            config,
+            token=TOKEN,
+            provisioner_factory=memory_factory(provisioners),
+            client_factory=fast_client,
+        )
+        with pytest.raises(NameLookupError, match='no runner group found with name "nope"'):
+            await service.run()
+        assert provisioners["linux"].closed
+        assert gh.scale_sets() == []
+        assert gh.sessions() == []
+
+
+async def test_one_client_per_distinct_url_and_token(tmp_path: Path) -> None:
+    other_token = str(tmp_path / "other-token")
+    (tmp_path / "other-token").write_text("ghp_otherToken_0123456789abcdef\n")
+    async with FakeGitHub(long_poll_timeout=0.3) as gh:
+        made: list[tuple[str, str]] = []
+
+        def counting_client(url: str, token: str) -> Client:
+            made.append((url, token))
+            return fast_client(url, token)
+
+        config = Config(
+            url=gh.config_url(),
+            runners={
+                "a": runner("a", ("a",)),
+                "b": runner("b", ("b",)),
+                "c": runner("c", ("c",), token_file=other_token),
+            },
+        )
+        service = Service(
+            config,
+            token=TOKEN,
+            provisioner_factory=memory_factory({}),
+            client_factory=counting_client,
+        )
+        async with running(service):
+            assert sorted(service.runners()) == ["a", "b", "c"]
+        assert made == [
+            (gh.config_url(), TOKEN),
+            (gh.config_url(), "ghp_otherToken_0123456789abcdef"),
+        ]
+
+
+async def test_orphans_are_cleaned_before_listening() -> None:
+    async with FakeGitHub(pat=TOKEN, long_poll_timeout=0.3) as gh:
+        leftovers = InMemoryProvisioner()
+        for name in ("linux-0123abcd", "linux-arm-0123abcd", "other-0123abcd"):
+            await leftovers.start(RunnerRequest(name=name, jit_config="x", runner=runner()))
+        config = Config(url=gh.config_url(), runners={"linux": runner()})
+        service = Service(
+            config,
+            token=TOKEN,
+            provisioner_factory=lambda entry: leftovers,
+            client_factory=fast_client,
+        )
+        async with running(service):
+            assert sorted(leftovers.environments) == ["linux-arm-0123abcd", "other-0123abcd"]
+        assert ("cleanup", "linux-0123abcd") in leftovers.events
+
+
+async def test_worker_reconnects_after_a_session_conflict_and_a_broken_session() -> None:
+    async with FakeGitHub(pat=TOKEN, long_poll_timeout=0.3) as gh:
+        scale_set = gh.create_scale_set("linux", ["linux"])
+        async with fast_client(gh.config_url(), TOKEN) as client:
+            squatter = await client.create_message_session(scale_set, "someone-else")
+            sleeps: list[float] = []
+
+            async def fake_sleep(delay: float) -> None:
+                sleeps.append(delay)
+                if len(sleeps) == 1:
+                    await squatter.delete()  # the other listener goes away
+                await asyncio.sleep(0)
+
+            provisioner = InMemoryProvisioner(workload=agent)
+            worker = ScaleSetWorker(
+                client,
+                runner(),
+                max_runners=2,
+                provisioner=provisioner,
+                owner="me",
+                backoff=Backoff(initial=1, maximum=4),
+                sleep=fake_sleep,
+            )
+            task = asyncio.create_task(worker.run())
+            async with asyncio.timeout(10):
+                await worker.ready.wait()
+            assert sleeps == [1.0]
+            assert [s.owner_name for s in gh.sessions()] == ["me"]
+
+            gh.queue_job(["linux"], duration=0.05)
+            await gh.wait_until_jobs_completed_async(1, timeout=10)
+            # The session disappears server-side: the listener fails, the worker opens another.
+            worker.ready.clear()
+            gh.expire_sessions()
+            gh.fail_next(Endpoint.GET_MESSAGE, status=404)
+            async with asyncio.timeout(10):
+                await worker.ready.wait()
+            assert sleeps == [1.0, 2.0]
+            gh.queue_job(["linux"], duration=0.05)
+            await gh.wait_until_jobs_completed_async(2, timeout=10)
+            task.cancel()
+            await asyncio.wait({task})
+        assert provisioner.closed
+        assert provisioner.environments == {}
+        assert gh.sessions() == []
+        assert gh.runners() == []
+
+
+def test_labels_match_ignores_order_and_type() -> None:
+    """Go: TestLabelsMatch."""
+    a = (Label(name="linux", type="User"), Label(name="x64", type="User"))
+    assert labels_match(a, tuple(reversed(a)))
+    assert labels_match((Label(name="linux", type="System"),), (Label(name="linux", type="User"),))
+    assert not labels_match(a, a[:1])
+    assert not labels_match(a[:1], (Label(name="other"),))
+    assert labels_match((), ())
+
+
+async def test_token_never_reaches_the_log() -> None:
+    stream = io.StringIO()
+    handler = SimpleHandler(stream, logging.DEBUG)
+    root = logging.getLogger("outrunner")
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        async with FakeGitHub(pat=TOKEN, long_poll_timeout=0.3) as gh:
+            config = Config(url=gh.config_url(), runners={"linux": runner()})
+            service = Service(
+                config,
+                token=TOKEN,
+                provisioner_factory=memory_factory({}),
+                client_factory=fast_client,
+            )
+            async with running(service):
+                gh.queue_job(["linux"], duration=0.05)
+                await gh.wait_until_jobs_completed_async(1, timeout=10)
+                # Even code that logs the token by mistake prints it masked.
+                logging.getLogger("outrunner.test").warning("oops %s", TOKEN)
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+    text = stream.getvalue()
+    assert "Listening for jobs" in text
+    assert "Job completed" in text
+    assert TOKEN not in text
+    assert "oops ***" in text
+
+
+async def test_serve_stops_cleanly_on_sigterm() -> None:
+    async with FakeGitHub(pat=TOKEN, long_poll_timeout=0.3) as gh:
+        config = Config(url=gh.config_url(), runners={"linux": runner()})
+        service = Service(
+            config, token=TOKEN, provisioner_factory=memory_factory({}), client_factory=fast_client
+        )
+        serving = asyncio.create_task(serve(service))
+        async with asyncio.timeout(10):
+            await service.wait_ready()
+        os.kill(os.getpid(), signal.SIGTERM)
+        async with asyncio.timeout(10):
+            await serving
+        assert gh.sessions() == []
