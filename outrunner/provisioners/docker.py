@@ -1,0 +1,659 @@
+"""Docker backend: one container per runner, created from ``runners.<name>.docker``.
+
+The container is named after the runner and labelled ``outrunner=true``,
+``outrunner.name=<runner>`` and ``outrunner.scaleset=<scale set>``; the labels are how orphan
+cleanup and :meth:`DockerProvisioner.stop` tell outrunner's containers from anyone else's. The
+runner gets its JIT config in ``ACTIONS_RUNNER_INPUT_JITCONFIG`` (``jit_via: env``, the default)
+or as ``<runner_cmd> --jitconfig <config>`` (``jit_via: arg``). See ``docs/docker.md``.
+
+Async model: the docker SDK blocks, so every SDK call runs in a small executor owned by the
+provisioner, one short call at a time. Waiting (for a container to exit, for a removal already
+in progress) is an ``asyncio.sleep`` loop on the event loop between such calls; no worker thread
+ever sleeps, and a pull's progress stream is read one line per call.
+
+Engine endpoint, first match wins (:func:`resolve_engine`): the runner's ``docker.host``, the
+provisioner's ``host`` argument, ``DOCKER_HOST``, the active docker context (``DOCKER_CONTEXT``
+or ``currentContext`` in ``$DOCKER_CONFIG/config.json``) when its socket exists, the SDK's
+default socket. One client per distinct endpoint, created on first use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, ParamSpec, TypeVar
+
+import docker
+import docker.errors
+import docker.types
+from docker.utils import kwargs_from_env
+
+from outrunner.config import DockerImage, RunnerConfig
+from outrunner.log import BoundLogger, get_logger
+from outrunner.provisioner import RunnerRequest, is_runner_name
+
+__all__ = [
+    "JIT_ENV",
+    "LABEL_MANAGED",
+    "LABEL_NAME",
+    "LABEL_SCALE_SET",
+    "ClientFactory",
+    "DockerProvisioner",
+    "DockerProvisionerError",
+    "EngineEndpoint",
+    "default_client",
+    "resolve_engine",
+]
+
+LABEL_MANAGED: Final = "outrunner"
+"""Label ``outrunner=true``: the container was created by outrunner (also by gha-outrunner)."""
+LABEL_NAME: Final = "outrunner.name"
+LABEL_SCALE_SET: Final = "outrunner.scaleset"
+JIT_ENV: Final = "ACTIONS_RUNNER_INPUT_JITCONFIG"
+"""The variable the actions runner reads its ``--jitconfig`` argument from."""
+
+ClientFactory = Callable[[str | None], docker.APIClient]
+"""Builds a client for an engine URL (``None``: the SDK's default socket)."""
+
+DEFAULT_WORKERS: Final = 4
+"""Threads of the provisioner's own executor: the engine, not the client, is the bottleneck
+(about 6 creations per second on two cores), and a small pool cannot starve anything else."""
+_MIB: Final = 1024 * 1024
+_GONE_TIMEOUT: Final = 30.0
+"""Seconds a removal may stay "in progress" before stop gives up."""
+_POLL_FIRST: Final = 0.02
+_POLL_MAX: Final = 0.25
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+class DockerProvisionerError(RuntimeError):
+    """A container could not be created, started, stopped or listed; the message says which
+    runner, image or engine, and what the engine answered."""
+
+
+# --------------------------------------------------------------------------------------------
+# Engine endpoint
+
+
+@dataclass(frozen=True)
+class EngineEndpoint:
+    """Where the Docker engine is, and which setting said so (for the log)."""
+
+    url: str | None
+    """``unix://``, ``tcp://`` or ``ssh://`` URL; ``None`` means the SDK's default socket."""
+    source: str
+    """``docker.host``, ``provisioner``, ``DOCKER_HOST``, ``docker context NAME`` or
+    ``default``."""
+
+
+def resolve_engine(
+    option: str = "",
+    *,
+    default: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> EngineEndpoint:
+    """The engine a runner's containers go to; see the module docstring for the order.
+
+    Reads the docker CLI's files directly (no ``docker context inspect`` subprocess). A context
+    whose ``unix://`` socket does not exist is skipped, as a stopped Colima or Docker Desktop
+    leaves its context behind.
+    """
+    env = os.environ if environ is None else environ
+    if option:
+        return EngineEndpoint(option, "docker.host")
+    if default:
+        return EngineEndpoint(default, "provisioner")
+    if env.get("DOCKER_HOST"):
+        return EngineEndpoint(env["DOCKER_HOST"], "DOCKER_HOST")
+    found = _context_endpoint(env)
+    if found is not None:
+        return found
+    return EngineEndpoint(None, "default")
+
+
+def _context_endpoint(env: Mapping[str, str]) -> EngineEndpoint | None:
+    config_dir = Path(env.get("DOCKER_CONFIG") or Path.home() / ".docker")
+    name = env.get("DOCKER_CONTEXT") or _read_json(config_dir / "config.json").get("currentContext")
+    if not isinstance(name, str) or name in ("", "default"):
+        return None
+    # The CLI stores each context under the SHA-256 of its name.
+    digest = hashlib.sha256(name.encode()).hexdigest()
+    meta = _read_json(config_dir / "contexts" / "meta" / digest / "meta.json")
+    host = meta.get("Endpoints", {}).get("docker", {}).get("Host")
+    if not isinstance(host, str) or not host:
+        return None
+    if host.startswith("unix://") and not os.path.exists(host.removeprefix("unix://")):
+        return None
+    return EngineEndpoint(host, f"docker context {name}")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def default_client(url: str | None) -> docker.APIClient:
+    """The client :class:`DockerProvisioner` uses unless given a ``client_factory``.
+
+    The API version is negotiated (``auto``) so older engines work; TLS for ``tcp://`` comes
+    from ``DOCKER_TLS_VERIFY``/``DOCKER_CERT_PATH`` as for the docker CLI; ``ssh://`` uses the
+    system ``ssh`` (its config, agent and known_hosts) and needs ``paramiko`` installed.
+    """
+    tls = kwargs_from_env().get("tls", False) if url and url.startswith("tcp://") else False
+    return docker.APIClient(
+        base_url=url,
+        version="auto",
+        tls=tls,
+        use_ssh_client=bool(url and url.startswith("ssh://")),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Provisioner
+
+
+class DockerProvisioner:
+    """Creates one container per runner and removes it when the runner stops.
+
+    ``host`` is the engine for runners without their own ``docker.host`` (default: resolved as
+    the module docstring says). ``client_factory`` builds the client for an engine URL (a seam
+    for tests; default :func:`default_client`). ``executor`` runs the SDK calls (default: an
+    own pool of :data:`DEFAULT_WORKERS` threads, shut down by :meth:`close`).
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str | None = None,
+        logger: BoundLogger | None = None,
+        client_factory: ClientFactory | None = None,
+        executor: Executor | None = None,
+    ) -> None:
+        self._default_host = host or None
+        self._log = logger or get_logger("outrunner.provisioners.docker")
+        self._client_factory = client_factory or default_client
+        self._own_executor = executor is None
+        self._executor = executor or ThreadPoolExecutor(
+            DEFAULT_WORKERS, thread_name_prefix="outrunner-docker"
+        )
+        self._endpoints: dict[str, EngineEndpoint] = {}
+        self._clients: dict[str | None, docker.APIClient] = {}
+        self._connecting = asyncio.Lock()
+        self._pull_locks: dict[tuple[str | None, str], asyncio.Lock] = {}
+        # The engine option of each runner this instance started, so stop() finds its engine.
+        self._runner_hosts: dict[str, str] = {}
+        # Removals of half-made containers that outlived a cancelled start; close() awaits them.
+        self._undoing: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    @classmethod
+    def for_runner(
+        cls,
+        runner: RunnerConfig,
+        *,
+        logger: BoundLogger | None = None,
+        client_factory: ClientFactory | None = None,
+        executor: Executor | None = None,
+    ) -> DockerProvisioner:
+        """A provisioner whose default engine is ``runner.docker.host``, so that orphan cleanup
+        (which has only a name prefix to go on) looks at the engine that runner entry uses."""
+        host = runner.docker.host if runner.docker is not None else ""
+        return cls(
+            host=host or None, logger=logger, client_factory=client_factory, executor=executor
+        )
+
+    async def __aenter__(self) -> DockerProvisioner:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- the Provisioner protocol ------------------------------------------------------------
+
+    async def start(self, request: RunnerRequest) -> None:
+        """Create and start the runner's container; returns once its command was launched.
+
+        On failure or cancellation the container (if one was made) is removed before this
+        returns. Raises :class:`DockerProvisionerError`.
+        """
+        self._check_open()
+        options = _options_of(request)
+        client = await self._client(options.host)
+        log = self._log.bind(name=request.name)
+        await self._ensure_image(client, options, log)
+        self._runner_hosts[request.name] = options.host
+        try:
+            container_id = await self._create_and_start(client, request, options)
+        except BaseException:
+            self._runner_hosts.pop(request.name, None)
+            raise
+        log.info("Container started", image=options.image, id=container_id[:12])
+
+    async def stop(self, name: str) -> None:
+        """Stop the runner's container (SIGTERM, then SIGKILL after its ``stop_timeout``) and
+        remove it. Unknown or already removed containers are not an error; a container of that
+        name that outrunner did not create is left alone."""
+        self._check_open()
+        client = await self._client(self._runner_hosts.get(name, ""))
+        info = await self._inspect(client, name)
+        if info is None:
+            self._runner_hosts.pop(name, None)
+            return
+        if not _is_ours(info, name):
+            self._log.warning("Not stopping a container outrunner did not create", name=name)
+            return
+        await self._terminate(client, info, name)
+        await self._remove(client, str(info["Id"]), name)
+        self._runner_hosts.pop(name, None)
+        self._log.debug("Container removed", name=name)
+
+    async def close(self) -> None:
+        """Close the engine clients and the executor; safe to call more than once.
+
+        Containers are left alone: stopping runners is the Scaler's job, and the next start's
+        :meth:`cleanup` removes what a crash left.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        if self._undoing:
+            await asyncio.wait(set(self._undoing), timeout=_GONE_TIMEOUT)
+        clients = list(self._clients.values())
+        self._clients.clear()
+        for client in clients:
+            await self._call(client.close)
+        if self._own_executor:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- OrphanCleaner ---------------------------------------------------------------------------
+
+    async def cleanup(self, prefix: str) -> list[str]:
+        """Remove the containers labelled ``outrunner=true`` whose name is a runner name of
+        ``prefix`` (see :func:`~outrunner.provisioner.is_runner_name`); return their names.
+
+        Looks at the default engine and every engine this instance has talked to. Containers
+        that could not be removed are logged and left out of the result.
+        """
+        self._check_open()
+        await self._client("")
+        removed: set[str] = set()
+        for client in list(self._clients.values()):
+            found = await self._call(
+                client.containers, all=True, filters={"label": f"{LABEL_MANAGED}=true"}
+            )
+            names = [n for n in _names_of(found) if is_runner_name(n, prefix)]
+            results = await asyncio.gather(
+                *(self._remove(client, name) for name in names), return_exceptions=True
+            )
+            for name, result in zip(names, results, strict=True):
+                if isinstance(result, BaseException):
+                    if not isinstance(result, Exception):
+                        raise result
+                    self._log.error("Failed to remove orphan container", name=name, error=result)
+                else:
+                    removed.add(name)
+                    self._runner_hosts.pop(name, None)
+        if removed:
+            self._log.info("Removed orphan containers", prefix=prefix, count=len(removed))
+        return sorted(removed)
+
+    async def exited(self, name: str) -> bool:
+        """True when the runner's container is gone or no longer running (a cheap status query:
+        one inspect), e.g. because the runner process died."""
+        self._check_open()
+        client = await self._client(self._runner_hosts.get(name, ""))
+        info = await self._inspect(client, name)
+        return info is None or not info.get("State", {}).get("Running", False)
+
+    # -- engine clients ------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise DockerProvisionerError("the Docker provisioner is closed")
+
+    async def _call(self, fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        """Run one short blocking SDK call in the provisioner's executor."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, partial(fn, *args, **kwargs))
+
+    async def _client(self, option: str) -> docker.APIClient:
+        """The client for a runner's ``docker.host`` option (``""``: the default engine)."""
+        endpoint = self._endpoints.get(option)
+        if endpoint is None:  # resolved once: it may read the docker CLI's files
+            endpoint = self._endpoints[option] = resolve_engine(option, default=self._default_host)
+        client = self._clients.get(endpoint.url)
+        if client is not None:
+            return client
+        async with self._connecting:  # one client per endpoint, even under concurrent starts
+            client = self._clients.get(endpoint.url)
+            if client is None:
+                # Shielded: a start cancelled while connecting must not drop a client that is
+                # made anyway in its thread; the task registers it for close() to close.
+                client = await asyncio.shield(asyncio.ensure_future(self._connect(endpoint)))
+        return client
+
+    async def _connect(self, endpoint: EngineEndpoint) -> docker.APIClient:
+        where = endpoint.url or "the default socket"
+        try:
+            client = await self._call(self._client_factory, endpoint.url)
+        except Exception as exc:
+            raise DockerProvisionerError(
+                f"cannot reach the Docker engine at {where} (from {endpoint.source}): "
+                f"{_explain(exc)}"
+            ) from exc
+        self._clients[endpoint.url] = client
+        self._log.info(
+            "Docker engine", host=where, source=endpoint.source, api_version=client.api_version
+        )
+        return client
+
+    # -- image -----------------------------------------------------------------------------
+
+    async def _ensure_image(
+        self, client: docker.APIClient, options: DockerImage, log: BoundLogger
+    ) -> None:
+        image = options.image
+        lock = self._pull_locks.setdefault((client.base_url, image), asyncio.Lock())
+        # One pull per image and engine at a time: concurrent starts wait for the first pull
+        # and then find the image present instead of pulling it again.
+        async with lock:
+            if options.pull != "always" and await self._image_present(client, image):
+                return
+            if options.pull == "never":
+                raise DockerProvisionerError(
+                    f"image {image} is not present on the Docker engine and pull is never"
+                )
+            await self._pull(client, image, log)
+
+    async def _image_present(self, client: docker.APIClient, image: str) -> bool:
+        try:
+            await self._call(client.inspect_image, image)
+        except docker.errors.NotFound:
+            return False
+        except Exception as exc:
+            raise DockerProvisionerError(f"inspect image {image}: {_explain(exc)}") from exc
+        return True
+
+    async def _pull(self, client: docker.APIClient, image: str, log: BoundLogger) -> None:
+        log.info("Pulling image", image=image)
+        began = time.monotonic()
+        try:
+            stream = await self._call(client.pull, image, stream=True, decode=True)
+        except Exception as exc:
+            raise DockerProvisionerError(f"pull image {image}: {_explain(exc)}") from exc
+        progress = _PullProgress(log.bind(image=image))
+        reader = _StreamReader(self._executor, stream)
+        try:
+            async for line in reader:
+                if "error" in line:
+                    raise DockerProvisionerError(f"pull image {image}: {line['error']}")
+                progress.update(line)
+        except DockerProvisionerError:
+            raise
+        except Exception as exc:
+            raise DockerProvisionerError(f"pull image {image}: {_explain(exc)}") from exc
+        finally:
+            reader.close()
+        log.info("Pulled image", image=image, seconds=round(time.monotonic() - began, 1))
+
+    # -- container -------------------------------------------------------------------------
+
+    async def _create_and_start(
+        self, client: docker.APIClient, request: RunnerRequest, options: DockerImage
+    ) -> str:
+        spec = _container_spec(client, request, options)
+        loop = asyncio.get_running_loop()
+        # The create future is kept (and shielded) so that, whatever interrupts start, the
+        # container it makes is found and removed, even if the call is still running in its
+        # thread when the cancellation arrives.
+        created = loop.run_in_executor(self._executor, partial(client.create_container, **spec))
+        try:
+            container_id = str((await asyncio.shield(created))["Id"])
+            await self._call(client.start, container_id)
+        except BaseException as exc:
+            await self._undo_create(client, created)
+            if isinstance(exc, Exception):
+                raise DockerProvisionerError(
+                    f"start container {request.name} from {options.image}: {_explain(exc)}"
+                ) from exc
+            raise
+        return container_id
+
+    async def _undo_create(self, client: docker.APIClient, created: asyncio.Future[Any]) -> None:
+        task = asyncio.create_task(self._remove_created(client, created))
+        self._undoing.add(task)
+        task.add_done_callback(self._undoing.discard)
+        # Shielded: a second cancellation must not strand the container; the removal then
+        # finishes on its own and close() waits for it.
+        await asyncio.shield(task)
+
+    async def _remove_created(self, client: docker.APIClient, created: asyncio.Future[Any]) -> None:
+        try:
+            result = await created
+        except Exception:
+            return  # nothing was created
+        try:
+            await self._remove(client, str(result["Id"]))
+        except Exception as exc:
+            self._log.error("Failed to remove a container whose start failed", error=exc)
+
+    async def _inspect(self, client: docker.APIClient, ref: str) -> dict[str, Any] | None:
+        try:
+            info: dict[str, Any] = await self._call(client.inspect_container, ref)
+        except docker.errors.NotFound:
+            return None
+        except Exception as exc:
+            raise DockerProvisionerError(f"inspect container {ref}: {_explain(exc)}") from exc
+        return info
+
+    async def _terminate(self, client: docker.APIClient, info: dict[str, Any], name: str) -> None:
+        """Send the stop signal and wait up to the container's stop timeout for it to exit.
+
+        This is ``docker stop`` split into short calls: the SDK's ``stop`` would hold a worker
+        thread for the whole timeout.
+        """
+        config = info.get("Config") or {}
+        timeout = config.get("StopTimeout")
+        timeout = 10 if timeout is None else int(timeout)
+        if timeout <= 0 or not info.get("State", {}).get("Running", False):
+            return
+        ref = str(info["Id"])
+        try:
+            await self._call(client.kill, ref, signal=config.get("StopSignal") or "SIGTERM")
+        except docker.errors.APIError as exc:
+            if exc.status_code in (404, 409):  # gone, or no longer running
+                return
+            raise DockerProvisionerError(f"stop container {name}: {_explain(exc)}") from exc
+        deadline = time.monotonic() + timeout
+        for delay in _backoff():
+            state = await self._inspect(client, ref)
+            if state is None or not state.get("State", {}).get("Running", False):
+                return
+            if time.monotonic() >= deadline:
+                return  # the forced removal kills it
+            await asyncio.sleep(delay)
+
+    async def _remove(self, client: docker.APIClient, ref: str, name: str = "") -> None:
+        """Force-remove ``ref`` (a name or ID; ``name`` is for messages) and return once it is
+        gone; a missing container is fine.
+
+        A 409 means the engine is already removing it (``auto_remove`` after the runner
+        exited): retry until the engine answers 404, bounded by :data:`_GONE_TIMEOUT`.
+        """
+        deadline = time.monotonic() + _GONE_TIMEOUT
+        for delay in _backoff():
+            try:
+                await self._call(client.remove_container, ref, force=True)
+            except docker.errors.NotFound:
+                return
+            except docker.errors.APIError as exc:
+                if exc.status_code != 409:
+                    raise DockerProvisionerError(
+                        f"remove container {name or ref}: {_explain(exc)}"
+                    ) from exc
+            else:
+                return
+            if time.monotonic() >= deadline:
+                raise DockerProvisionerError(
+                    f"container {name or ref} is still being removed after {_GONE_TIMEOUT:.0f} s"
+                )
+            await asyncio.sleep(delay)
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _options_of(request: RunnerRequest) -> DockerImage:
+    options = request.runner.docker
+    if options is None:
+        raise DockerProvisionerError(
+            f"runner {request.name}: scale set {request.runner.name} has no docker section"
+        )
+    return options
+
+
+def _container_spec(
+    client: docker.APIClient, request: RunnerRequest, options: DockerImage
+) -> dict[str, Any]:
+    """Keyword arguments of ``create_container``; holds the JIT config, so never log it."""
+    command = [options.runner_cmd]
+    environment = [f"{key}={value}" for key, value in options.env.items()]
+    if options.jit_via == "arg":
+        command += ["--jitconfig", request.jit_config]
+    else:
+        environment.append(f"{JIT_ENV}={request.jit_config}")
+    mounts = [
+        docker.types.Mount(m.target, m.source, type="bind", read_only=m.read_only)
+        for m in options.mounts
+    ]
+    host_config = client.create_host_config(
+        auto_remove=options.auto_remove,
+        mounts=mounts,
+        network_mode=options.network or None,
+        nano_cpus=round(options.cpus * 1e9) if options.cpus is not None else None,
+        mem_limit=options.memory * _MIB if options.memory is not None else None,
+        privileged=options.privileged,
+        runtime=options.runtime or None,
+    )
+    return {
+        "image": options.image,
+        "command": command,
+        "name": request.name,
+        "environment": environment,
+        "labels": {
+            LABEL_MANAGED: "true",
+            LABEL_NAME: request.name,
+            LABEL_SCALE_SET: request.runner.name,
+        },
+        "user": options.user or None,
+        "stop_timeout": options.stop_timeout,
+        "host_config": host_config,
+        "detach": True,
+    }
+
+
+def _is_ours(info: Mapping[str, Any], name: str) -> bool:
+    labels = (info.get("Config") or {}).get("Labels") or {}
+    return bool(labels.get(LABEL_MANAGED) == "true" and labels.get(LABEL_NAME, name) == name)
+
+
+def _names_of(containers: list[dict[str, Any]]) -> list[str]:
+    # The list API gives names with a leading "/" (a legacy of container links).
+    return [name.lstrip("/") for c in containers for name in c.get("Names") or []]
+
+
+def _explain(exc: BaseException) -> str:
+    if isinstance(exc, docker.errors.APIError) and exc.explanation:
+        return str(exc.explanation)
+    return str(exc) or type(exc).__name__
+
+
+def _backoff() -> Iterator[float]:
+    delay = _POLL_FIRST
+    while True:
+        yield delay
+        delay = min(delay * 2, _POLL_MAX)
+
+
+class _PullProgress:
+    """Logs a pull's progress at debug, one line per change of a layer's status (the engine
+    sends a line per downloaded chunk)."""
+
+    def __init__(self, log: BoundLogger) -> None:
+        self._log = log
+        self._last: dict[str, str] = {}
+
+    def update(self, line: Mapping[str, Any]) -> None:
+        status = str(line.get("status", ""))
+        layer = str(line.get("id", ""))
+        if not status or self._last.get(layer) == status:
+            return
+        self._last[layer] = status
+        if layer:
+            self._log.debug("Pull progress", layer=layer, status=status)
+        else:
+            self._log.debug("Pull progress", status=status)
+
+
+class _StreamReader:
+    """Reads a blocking SDK stream one item per executor call, from the event loop.
+
+    :meth:`close` closes the stream (and so its HTTP response) once no read is running in a
+    thread any more: a generator cannot be closed while another thread is inside it.
+    """
+
+    def __init__(self, executor: Executor, stream: Iterator[Any]) -> None:
+        self._executor = executor
+        self._stream = stream
+        self._pending: asyncio.Future[Any] | None = None
+
+    def __aiter__(self) -> _StreamReader:
+        return self
+
+    async def __anext__(self) -> Any:
+        loop = asyncio.get_running_loop()
+        self._pending = loop.run_in_executor(self._executor, next, self._stream, _END)
+        item = await asyncio.shield(self._pending)
+        if item is _END:
+            raise StopAsyncIteration
+        return item
+
+    def close(self) -> None:
+        pending = self._pending
+        if pending is None or pending.done():
+            self._close_stream()
+        else:
+            pending.add_done_callback(lambda _: self._close_stream())
+
+    def _close_stream(self) -> None:
+        if self._pending is not None and not self._pending.cancelled():
+            self._pending.exception()  # retrieved: a cancelled reader has no one to raise it to
+        close = getattr(self._stream, "close", None)
+        # RuntimeError: the executor is shut down; the stream then goes with its client.
+        if close is not None:
+            with contextlib.suppress(RuntimeError):
+                self._executor.submit(close)
+
+
+_END: Final = object()

@@ -1,0 +1,582 @@
+"""DockerProvisioner against a real engine: the container it makes, images and pulls, stop and
+cleanup edge cases, cancellation races, and a busybox runner agent finishing a FakeGitHub job."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import docker
+import docker.errors
+import pytest
+import requests
+from pytest_mock import MockerFixture
+
+from outrunner.config import DockerMount, RunnerConfig
+from outrunner.provisioner import RunnerRequest
+from outrunner.provisioners.docker import (
+    JIT_ENV,
+    DockerProvisioner,
+    DockerProvisionerError,
+    default_client,
+)
+from outrunner.testing.contract import runner_name
+from outrunner.testing.fakegithub import FakeGitHub, JobState
+from tests.provisioners.conftest import runner_config
+from tests.provisioners.registry import Registry, serve_registry
+from tests.testing.raw import raw_client
+
+pytestmark = [pytest.mark.anyio, pytest.mark.docker]
+
+MIB = 1024 * 1024
+# Not a tag anyone has locally; docker.io is unreachable here, so its pull fails fast.
+MISSING_IMAGE = "outrunner-test/never-built:missing"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+async def provisioner(runner_image: str) -> AsyncIterator[DockerProvisioner]:
+    async with DockerProvisioner() as p:
+        yield p
+
+
+class Clients:
+    """A client_factory that builds real clients and spies on their pull and create calls."""
+
+    def __init__(self, mocker: MockerFixture) -> None:
+        self._mocker = mocker
+        self.made: list[tuple[str | None, docker.APIClient]] = []
+
+    def __call__(self, url: str | None) -> docker.APIClient:
+        client = default_client(url)
+        self._mocker.spy(client, "pull")
+        self.made.append((url, client))
+        return client
+
+    @property
+    def pulls(self) -> int:
+        return sum(client.pull.call_count for _, client in self.made)  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def clients(mocker: MockerFixture) -> Clients:
+    return Clients(mocker)
+
+
+def request(scale_set: str, jit: str | None = None, **options: Any) -> RunnerRequest:
+    runner = runner_config(scale_set, **options)
+    return RunnerRequest(runner_name(scale_set), jit or f"jit-{secrets.token_hex(8)}", runner)
+
+
+async def inspect(engine: docker.APIClient, name: str) -> dict[str, Any] | None:
+    try:
+        info: dict[str, Any] = await asyncio.to_thread(engine.inspect_container, name)
+    except docker.errors.NotFound:
+        return None
+    return info
+
+
+async def wait_until(predicate: Callable[[], Any], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
+# -- the container -----------------------------------------------------------------------------
+
+
+async def test_container_with_jit_in_env(
+    provisioner: DockerProvisioner,
+    engine: docker.APIClient,
+    scale_set: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A PAT in outrunner's own environment must not reach the container in any form.
+    pat = "ghp_" + secrets.token_hex(16)
+    monkeypatch.setenv("GITHUB_TOKEN", pat)
+    (tmp_path / "rw").mkdir()
+    (tmp_path / "ro").mkdir()
+    mounts = (
+        DockerMount(str(tmp_path / "rw"), "/cache"),
+        DockerMount(str(tmp_path / "ro"), "/certs", read_only=True),
+    )
+    req = request(
+        scale_set,
+        mounts=mounts,
+        cpus=0.5,
+        memory=64,
+        env={"FOO": "bar baz", "EMPTY": ""},
+        user="runner",
+        stop_timeout=3,
+    )
+    await provisioner.start(req)
+    info = await inspect(engine, req.name)
+    assert info is not None
+    config, host = info["Config"], info["HostConfig"]
+
+    assert info["Name"] == "/" + req.name
+    assert info["State"]["Running"]
+    assert config["Labels"]["outrunner"] == "true"
+    assert config["Labels"]["outrunner.name"] == req.name
+    assert config["Labels"]["outrunner.scaleset"] == scale_set
+    assert config["Cmd"] == ["./idle.sh"]
+    assert f"{JIT_ENV}={req.jit_config}" in config["Env"]
+    assert {"FOO=bar baz", "EMPTY="} <= set(config["Env"])
+    assert config["User"] == "runner"
+    assert config["StopTimeout"] == 3
+    assert host["NanoCpus"] == 500_000_000
+    assert host["Memory"] == 64 * MIB
+    assert host["NetworkMode"] == "none"
+    assert host["AutoRemove"] is True
+    assert host["Privileged"] is False
+    assert not host.get("Runtime") or host["Runtime"] == "runc"
+    assert sorted((m["Target"], m["Source"], m.get("ReadOnly", False)) for m in host["Mounts"]) == [
+        ("/cache", str(tmp_path / "rw"), False),
+        ("/certs", str(tmp_path / "ro"), True),
+    ]
+    assert pat not in json.dumps(info)
+
+    await provisioner.stop(req.name)
+    assert await inspect(engine, req.name) is None
+
+
+async def test_container_with_jit_as_argument(
+    provisioner: DockerProvisioner, engine: docker.APIClient, scale_set: str
+) -> None:
+    req = request(scale_set, jit_via="arg")
+    await provisioner.start(req)
+    info = await inspect(engine, req.name)
+    assert info is not None
+    assert info["Config"]["Cmd"] == ["./idle.sh", "--jitconfig", req.jit_config]
+    assert not any(e.startswith(f"{JIT_ENV}=") for e in info["Config"]["Env"])
+    await provisioner.stop(req.name)
+
+
+async def test_host_network_runtime_and_kept_container(
+    provisioner: DockerProvisioner, engine: docker.APIClient, scale_set: str
+) -> None:
+    req = request(scale_set, network="host", runtime="runc", auto_remove=False)
+    await provisioner.start(req)
+    info = await inspect(engine, req.name)
+    assert info is not None
+    host = info["HostConfig"]
+    assert host["NetworkMode"] == "host"
+    assert host["Runtime"] == "runc"
+    assert host["AutoRemove"] is False
+    assert host["Privileged"] is False
+    assert not host["NanoCpus"]
+    assert not host["Memory"]
+    await provisioner.stop(req.name)
+    assert await inspect(engine, req.name) is None
+
+
+async def test_privileged(clients: Clients, engine: docker.APIClient, scale_set: str) -> None:
+    req = request(scale_set, privileged=True)
+    sent: list[dict[str, Any]] = []
+
+    def spying(url: str | None) -> docker.APIClient:
+        client = clients(url)
+        create = client.create_container
+
+        def record(*args: Any, **kwargs: Any) -> Any:
+            sent.append(kwargs["host_config"])
+            return create(*args, **kwargs)
+
+        client.create_container = record  # type: ignore[method-assign]
+        return client
+
+    async with DockerProvisioner(client_factory=spying) as provisioner:
+        try:
+            await provisioner.start(req)
+        except DockerProvisionerError as exc:
+            # Sandboxed CI engines may lack capabilities a privileged container gets.
+            assert "caps" in str(exc), exc  # noqa: PT017
+        else:
+            info = await inspect(engine, req.name)
+            assert info is not None
+            assert info["HostConfig"]["Privileged"] is True
+            await provisioner.stop(req.name)
+    assert sent[0]["Privileged"] is True
+    assert await inspect(engine, req.name) is None
+
+
+PROBE = """\
+#!/bin/sh
+# Reports what the runner process sees, then exits (the container removes itself).
+{
+  echo "uid=$(id -u)"
+  echo "args=$*"
+  echo "jit=${ACTIONS_RUNNER_INPUT_JITCONFIG:-}"
+  echo "foo=${FOO:-}"
+  if touch /probe/written 2>/dev/null; then echo "ro=writable"; else echo "ro=read-only"; fi
+  echo "end"
+} > /out/report
+"""
+
+
+@pytest.mark.parametrize("jit_via", ["env", "arg"])
+async def test_what_the_runner_process_sees(
+    provisioner: DockerProvisioner,
+    engine: docker.APIClient,
+    scale_set: str,
+    tmp_path: Path,
+    jit_via: str,
+) -> None:
+    probe, out = tmp_path / "probe", tmp_path / "out"
+    probe.mkdir()
+    out.mkdir()
+    (probe / "probe.sh").write_text(PROBE)
+    (probe / "probe.sh").chmod(0o755)
+    out.chmod(0o777)  # the probe runs as uid 1001
+    req = request(
+        scale_set,
+        runner_cmd="/probe/probe.sh",
+        mounts=(DockerMount(str(probe), "/probe", read_only=True), DockerMount(str(out), "/out")),
+        env={"FOO": "bar"},
+        user="runner",
+        jit_via=jit_via,
+    )
+    await provisioner.start(req)
+    report = out / "report"
+
+    async def reported() -> bool:
+        return report.exists() and report.read_text().endswith("end\n")
+
+    await wait_until(reported)
+    lines = report.read_text().splitlines()
+    assert "uid=1001" in lines
+    assert "foo=bar" in lines
+    assert "ro=read-only" in lines
+    if jit_via == "env":
+        assert f"jit={req.jit_config}" in lines
+        assert "args=" in lines
+    else:
+        assert "jit=" in lines
+        assert f"args=--jitconfig {req.jit_config}" in lines
+
+    # It exited by itself and auto_remove took it away: stop has nothing left to do.
+    async def exited() -> bool:
+        return await provisioner.exited(req.name) and await inspect(engine, req.name) is None
+
+    await wait_until(exited)
+    await provisioner.stop(req.name)
+
+
+async def test_exited_container_is_removed_by_stop_without_auto_remove(
+    provisioner: DockerProvisioner, engine: docker.APIClient, scale_set: str
+) -> None:
+    req = request(scale_set, runner_cmd="/bin/true", auto_remove=False)
+    await provisioner.start(req)
+    await wait_until(lambda: provisioner.exited(req.name))
+    info = await inspect(engine, req.name)
+    assert info is not None
+    assert info["State"]["Status"] == "exited"
+    await provisioner.stop(req.name)
+    assert await inspect(engine, req.name) is None
+
+
+async def test_stop_sends_sigterm_then_kills_after_stop_timeout(
+    provisioner: DockerProvisioner, engine: docker.APIClient, scale_set: str, tmp_path: Path
+) -> None:
+    # idle.sh exits on SIGTERM; a plain sleep as PID 1 has no handler, so the kernel ignores
+    # SIGTERM for it and only the SIGKILL after stop_timeout ends it.
+    (tmp_path / "stubborn.sh").write_text("#!/bin/sh\nexec sleep 1000\n")
+    (tmp_path / "stubborn.sh").chmod(0o755)
+    graceful = request(scale_set, stop_timeout=5)
+    stubborn = request(
+        scale_set,
+        runner_cmd="/t/stubborn.sh",
+        mounts=(DockerMount(str(tmp_path), "/t", read_only=True),),
+        stop_timeout=1,
+    )
+    await asyncio.gather(provisioner.start(graceful), provisioner.start(stubborn))
+    durations = {}
+    for req in (graceful, stubborn):
+        began = time.monotonic()
+        await provisioner.stop(req.name)
+        durations[req.name] = time.monotonic() - began
+        assert await inspect(engine, req.name) is None
+    assert durations[graceful.name] < 1.0
+    assert 0.9 < durations[stubborn.name] < 3.0
+
+
+async def test_start_failures_leave_nothing(
+    provisioner: DockerProvisioner, engine: docker.APIClient, scale_set: str, tmp_path: Path
+) -> None:
+    cases = {
+        "unknown runtime": request(scale_set, runtime="no-such-runtime"),
+        "missing mount source": request(
+            scale_set, mounts=(DockerMount(str(tmp_path / "absent"), "/x"),)
+        ),
+        "missing runner_cmd": request(scale_set, runner_cmd="/no/run.sh"),
+        "bad user": request(scale_set, user="nobody-here"),
+    }
+    for what, req in cases.items():
+        with pytest.raises(DockerProvisionerError) as caught:
+            await provisioner.start(req)
+        message = str(caught.value)
+        assert req.name in message, what
+        assert req.jit_config not in message, what
+        assert await inspect(engine, req.name) is None, what
+
+
+async def test_request_without_docker_section(provisioner: DockerProvisioner) -> None:
+    runner = RunnerConfig(name="linux", labels=("linux",))
+    with pytest.raises(DockerProvisionerError, match="no docker section"):
+        await provisioner.start(RunnerRequest("linux-0a1b2c3d", "jit", runner))
+
+
+async def test_jit_config_is_never_logged(
+    provisioner: DockerProvisioner, scale_set: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="outrunner")
+    ok = request(scale_set, jit_via="arg")
+    failing = request(scale_set, runner_cmd="/no/run.sh")
+    await provisioner.start(ok)
+    with pytest.raises(DockerProvisionerError):
+        await provisioner.start(failing)
+    await provisioner.stop(ok.name)
+    text = caplog.text + "".join(repr(getattr(r, "attrs", "")) for r in caplog.records)
+    assert "Container started" in text
+    assert ok.jit_config not in text
+    assert failing.jit_config not in text
+
+
+# -- images and pulls --------------------------------------------------------------------------
+
+
+async def test_local_image_is_used_without_pulling(
+    clients: Clients, engine: docker.APIClient, scale_set: str, runner_image: str
+) -> None:
+    async with DockerProvisioner(client_factory=clients) as provisioner:
+        for pull in ("missing", "never"):
+            req = request(scale_set, pull=pull)
+            await provisioner.start(req)
+            await provisioner.stop(req.name)
+    assert clients.pulls == 0
+
+
+@pytest.mark.parametrize("pull", ["missing", "always"])
+async def test_failed_pull_is_a_clear_error(
+    clients: Clients, engine: docker.APIClient, scale_set: str, runner_image: str, pull: str
+) -> None:
+    image = MISSING_IMAGE if pull == "missing" else runner_image
+    req = request(scale_set, image=image, pull=pull)
+    async with DockerProvisioner(client_factory=clients) as provisioner:
+        with pytest.raises(DockerProvisionerError) as caught:
+            await provisioner.start(req)
+    message = str(caught.value)
+    assert message.startswith(f"pull image {image}: ")
+    assert len(message) > len(f"pull image {image}: ") + 10  # the engine's own reason follows
+    assert clients.pulls == 1
+    assert await inspect(engine, req.name) is None
+
+
+async def test_pull_never_with_missing_image(
+    clients: Clients, engine: docker.APIClient, scale_set: str
+) -> None:
+    req = request(scale_set, image=MISSING_IMAGE, pull="never")
+    async with DockerProvisioner(client_factory=clients) as provisioner:
+        with pytest.raises(DockerProvisionerError, match=r"not present.*pull is never"):
+            await provisioner.start(req)
+    assert clients.pulls == 0
+    assert await inspect(engine, req.name) is None
+
+
+@pytest.fixture
+def registry(engine: docker.APIClient) -> Iterator[Registry]:
+    with serve_registry() as served:
+        try:
+            yield served
+        finally:
+            with contextlib.suppress(docker.errors.NotFound):
+                engine.remove_image(served.image, force=True)
+
+
+async def test_missing_image_is_pulled_with_progress_logged(
+    clients: Clients,
+    engine: docker.APIClient,
+    scale_set: str,
+    registry: Registry,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="outrunner")
+    requests = [request(scale_set, image=registry.image, runner_cmd="/bin/sh") for _ in range(3)]
+    async with DockerProvisioner(client_factory=clients) as provisioner:
+        # Three starts at once: one pull, the others wait for it and find the image.
+        await asyncio.gather(*(provisioner.start(r) for r in requests))
+        for req in requests:
+            await provisioner.stop(req.name)
+    assert clients.pulls == 1
+    messages = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert messages.count(("INFO", "Pulling image")) == 1
+    assert messages.count(("INFO", "Pulled image")) == 1
+    statuses = [r.attrs.get("status") for r in caplog.records if r.getMessage() == "Pull progress"]  # type: ignore[attr-defined]
+    assert "Pull complete" in statuses
+    assert any(r.startswith("GET /v2/outrunner/pulled/blobs/") for r in registry.requests)
+
+
+async def test_pull_failing_midway_is_a_clear_error(
+    clients: Clients, engine: docker.APIClient, scale_set: str, registry: Registry
+) -> None:
+    registry.blobs_missing = True  # the engine accepts the pull, then the layers are missing
+    req = request(scale_set, image=registry.image)
+    async with DockerProvisioner(client_factory=clients) as provisioner:
+        with pytest.raises(DockerProvisionerError, match=f"pull image {registry.image}: "):
+            await provisioner.start(req)
+    assert await inspect(engine, req.name) is None
+
+
+# -- stop, cleanup and ownership ---------------------------------------------------------------
+
+
+async def test_stop_and_cleanup_leave_foreign_containers_alone(
+    provisioner: DockerProvisioner, engine: docker.APIClient, scale_set: str, runner_image: str
+) -> None:
+    name = runner_name(scale_set)
+    await asyncio.to_thread(engine.create_container, runner_image, ["./idle.sh"], name=name)
+    await provisioner.stop(name)
+    assert await provisioner.cleanup(f"{scale_set}-") == []
+    assert await inspect(engine, name) is not None
+
+
+async def test_cleanup_after_restart_finds_orphans(
+    engine: docker.APIClient, scale_set: str, runner_image: str
+) -> None:
+    requests = [request(scale_set) for _ in range(2)]
+    neighbour = request(f"{scale_set}-arm")
+    async with DockerProvisioner() as first:  # the run that crashed, leaving its containers
+        await asyncio.gather(*(first.start(r) for r in [*requests, neighbour]))
+    async with DockerProvisioner() as second:
+        removed = await second.cleanup(f"{scale_set}-")
+        assert removed == sorted(r.name for r in requests)
+        assert await inspect(engine, neighbour.name) is not None
+        assert await second.cleanup(f"{scale_set}-") == []
+        await second.stop(neighbour.name)  # stop works for containers of an earlier run too
+    assert await inspect(engine, neighbour.name) is None
+
+
+# -- concurrency and cancellation --------------------------------------------------------------
+
+
+async def test_cancel_while_create_is_still_running_in_its_thread(
+    mocker: MockerFixture, engine: docker.APIClient, scale_set: str, runner_image: str
+) -> None:
+    created = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def slow_engine(url: str | None) -> docker.APIClient:
+        client = default_client(url)
+        create = client.create_container
+
+        def slow_create(*args: Any, **kwargs: Any) -> Any:
+            time.sleep(0.5)  # an engine that takes its time (test double, not the provisioner)
+            result = create(*args, **kwargs)
+            loop.call_soon_threadsafe(created.set)
+            return result
+
+        mocker.patch.object(client, "create_container", side_effect=slow_create)
+        return client
+
+    req = request(scale_set)
+    async with DockerProvisioner(client_factory=slow_engine) as provisioner:
+        task = asyncio.create_task(provisioner.start(req))
+        await asyncio.sleep(0.2)  # inside the slow create
+        assert not created.is_set()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert created.is_set(), "start returned before the create it launched had finished"
+        assert await inspect(engine, req.name) is None
+
+
+async def test_one_client_per_endpoint_and_stop_uses_the_runners_engine(
+    mocker: MockerFixture, engine: docker.APIClient, scale_set: str, runner_image: str
+) -> None:
+    factory = mocker.Mock(side_effect=default_client)
+    socket = "unix:///var/run/docker.sock"
+    async with DockerProvisioner(client_factory=factory) as provisioner:
+        default, explicit = request(scale_set), request(scale_set, host=socket)
+        await asyncio.gather(provisioner.start(default), provisioner.start(explicit))
+        await provisioner.stop(explicit.name)
+        await provisioner.stop(default.name)
+    assert [call.args for call in factory.call_args_list] in (
+        [(None,), (socket,)],
+        [(socket,), (None,)],
+    )
+
+
+async def test_closed_provisioner_refuses_work(scale_set: str, runner_image: str) -> None:
+    provisioner = DockerProvisioner()
+    await provisioner.close()
+    with pytest.raises(DockerProvisionerError, match="closed"):
+        await provisioner.start(request(scale_set))
+    with pytest.raises(DockerProvisionerError, match="closed"):
+        await provisioner.stop(runner_name(scale_set))
+
+
+# -- a real runner agent ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("jit_via", ["env", "arg"])
+async def test_agent_in_container_completes_a_job(
+    provisioner: DockerProvisioner, engine: docker.APIClient, scale_set: str, jit_via: str
+) -> None:
+    with FakeGitHub(long_poll_timeout=0.3) as gh, raw_client(gh) as raw:
+        scale_set_id = raw.create_scale_set(scale_set, labels=["linux"])
+        session = raw.create_session(scale_set_id)
+        name = runner_name(scale_set)
+        jit = gh.generate_jit_config(scale_set_id, name)
+        # Host networking: the agent in the container reaches the fake on 127.0.0.1.
+        runner = runner_config(scale_set, runner_cmd="./run.sh", network="host", jit_via=jit_via)
+        await provisioner.start(RunnerRequest(name, jit, runner))
+        job = gh.queue_job(["linux"], duration=0.1, display_name="contained build")
+        assert (await asyncio.to_thread(raw.poll, session)).status_code == 200
+        await gh.wait_for_async(lambda: gh.job(job).state is JobState.COMPLETED, timeout=20)
+        assert gh.job(job).result == "succeeded"
+        await wait_until(lambda: provisioner.exited(name))
+        await provisioner.stop(name)
+        assert await inspect(engine, name) is None
+
+
+async def test_stop_waits_out_a_removal_already_in_progress(
+    mocker: MockerFixture, engine: docker.APIClient, scale_set: str, runner_image: str
+) -> None:
+    conflict = requests.Response()
+    conflict.status_code = 409
+    calls: list[str] = []
+
+    def engine_busy_removing(url: str | None) -> docker.APIClient:
+        client = default_client(url)
+        remove = client.remove_container
+
+        def remove_after_two_conflicts(container: str, **kwargs: Any) -> None:
+            calls.append(container)
+            if len(calls) <= 2:
+                raise docker.errors.APIError(
+                    "removal of container is already in progress", response=conflict
+                )
+            remove(container, **kwargs)
+
+        mocker.patch.object(client, "remove_container", side_effect=remove_after_two_conflicts)
+        return client
+
+    req = request(scale_set)
+    async with DockerProvisioner(client_factory=engine_busy_removing) as provisioner:
+        await provisioner.start(req)
+        await provisioner.stop(req.name)
+    assert len(calls) == 3
+    assert await inspect(engine, req.name) is None
