@@ -21,7 +21,7 @@ lint: venv
 	$(BIN)/ruff format --check outrunner examples tests bench
 
 typecheck: venv
-	$(BIN)/mypy --strict outrunner examples
+	$(BIN)/mypy --strict outrunner examples bench
 
 pytest: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
