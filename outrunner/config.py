@@ -241,6 +241,10 @@ class TartImage:
     memory: int = field(default=8192, metadata=rules(positive))
     """MiB."""
     mounts: tuple[TartMount, ...] = field(default=(), metadata=rules(unique_by("name")))
+    tart_path: str = field(default="tart", metadata=rules(non_blank))
+    """The tart executable: a name looked up on PATH, or a path."""
+    boot_timeout: float = field(default=180.0, metadata=rules(positive))
+    """Seconds ``tart exec <vm> echo ok`` may take to start succeeding after ``tart run``."""
 
 
 Backend = DockerImage | LibvirtImage | TartImage

@@ -154,6 +154,8 @@ def test_load_config_defaults(tmp_path: Path) -> None:
     assert runner.tart.cpus == 4
     assert runner.tart.memory == 8192
     assert runner.tart.runner_cmd == "/actions-runner/run.sh"
+    assert runner.tart.tart_path == "tart"
+    assert runner.tart.boot_timeout == 180.0
     assert runner.max_runners is None
     assert runner.runner_group == "default"
     assert runner.url == ""
@@ -1125,6 +1127,18 @@ CORPUS = [
         "runners.mac.tart.mounts",
         ['duplicate name "a" at [0] and [1]'],
         id="tart-mount-duplicate-name",
+    ),
+    pytest.param(
+        tart("image: base\nboot_timeout: 0\n"),
+        "runners.mac.tart.boot_timeout",
+        ["0"],
+        id="tart-boot-timeout-zero",
+    ),
+    pytest.param(
+        tart("image: base\ntart_path: ''\n"),
+        "runners.mac.tart.tart_path",
+        ["must not be empty"],
+        id="tart-path-empty",
     ),
     # -- YAML level ---------------------------------------------------------------------------
     pytest.param(
