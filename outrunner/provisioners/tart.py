@@ -1,0 +1,641 @@
+"""Tart backend: one Tart VM per runner, cloned from ``runners.<name>.tart.image``.
+
+For every runner (gha-outrunner 1.1.2's lifecycle, with its failures made loud and clean)::
+
+    tart clone <image> <name>
+    tart set <name> --cpu <cpus> --memory <MiB>
+    tart run --no-graphics [--dir=<mount>:<source>[:ro]]... <name>      background
+    tart exec <name> echo ok                                           until it works
+    tart exec <name> <runner_cmd> --jitconfig <JIT config>             background
+
+and to stop it: end the runner's ``tart exec``, ``tart stop <name>``, wait for ``tart run`` to
+exit, ``tart delete <name>``. A VM that is already stopped or gone is not an error. A start
+that fails or is cancelled at any step tears down what it made (processes and clone) before
+raising :class:`TartProvisionerError`. See ``docs/tart.md``.
+
+Async model: every tart call is a subprocess made with :func:`asyncio.create_subprocess_exec`;
+nothing blocks the event loop and no thread is used. Every tart process gets its own session,
+so a Ctrl-C in outrunner's terminal reaches outrunner (which then stops its VMs in order), not
+the VMs directly.
+
+Output capture: the stdout and stderr of the two background processes (``run``, labelled
+``vm``, and the runner's ``exec``, labelled ``runner``) go to a file each,
+``<log_dir>/<runner name>-<label>-<random>.log``. When such a process fails (exits non-zero
+by itself, or the VM does not boot in time), the last :data:`TAIL_BYTES` bytes are logged at
+ERROR and the file is kept, its path logged; otherwise the file is removed when the runner is
+stopped. ``log_dir`` defaults to :func:`default_log_dir`.
+
+The JIT config reaches ``tart exec`` as an argument (tart has no other way in) and nothing
+else: no log line, error message or capture file name contains it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import stat
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Final
+
+from outrunner.config import RunnerConfig, TartImage, TartMount
+from outrunner.log import BoundLogger, get_logger
+from outrunner.provisioner import RunnerRequest, is_runner_name
+
+__all__ = [
+    "DEFAULT_STOP_TIMEOUT",
+    "TAIL_BYTES",
+    "TartProvisioner",
+    "TartProvisionerError",
+    "default_log_dir",
+]
+
+TAIL_BYTES: Final = 1024
+"""How much of a failed process's output is logged inline."""
+DEFAULT_STOP_TIMEOUT: Final = 30
+"""``tart stop --timeout``: seconds between tart's SIGINT to the VM and its SIGKILL (tart's
+own default)."""
+_PROBE_TIMEOUT: Final = 15.0
+"""Longest a single ``tart exec <vm> echo ok`` may take: a probe can hang while the guest
+agent's socket is not answering yet."""
+_PROBE_FIRST: Final = 0.25
+_PROBE_MAX: Final = 2.0
+_COMMAND_TIMEOUT: Final = 60.0
+"""For ``set``, ``list`` and ``delete``; ``clone`` has none (it may pull tens of GB)."""
+_GRACE: Final = 5.0
+"""Seconds a signalled tart process gets to exit before SIGKILL."""
+_DELETE_RETRY: Final = 10.0
+"""How long ``tart delete`` is retried while tart still reports the VM running."""
+_NO_ANSWER: Final = "no answer yet"
+_EXIT_NOT_FOUND: Final = 2
+"""tart's exit status for "does not exist", "is not running" and "is already running"."""
+
+
+class TartProvisionerError(RuntimeError):
+    """A VM could not be cloned, configured, booted, stopped, deleted or listed; the message
+    names the VM, the step and what tart said."""
+
+
+def default_log_dir() -> Path:
+    """``<temp dir>/outrunner-<uid>``: private to the user (macOS's temp dir already is)."""
+    return Path(tempfile.gettempdir()) / f"outrunner-{os.getuid()}"
+
+
+# --------------------------------------------------------------------------------------------
+# Processes
+
+
+@dataclass(frozen=True)
+class _Result:
+    """How a short tart command ended."""
+
+    status: int | None
+    """Exit status; ``None``: killed after its timeout."""
+    stdout: str
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 0
+
+    def reason(self) -> str:
+        """For messages: the status and the end of stderr."""
+        if self.status is None:
+            return "timed out"
+        detail = _last_line(self.stderr)
+        return f"exit status {self.status}" + (f": {detail}" if detail else "")
+
+
+class _Background:
+    """A long-running tart process (``run`` or the runner's ``exec``) with its output in a file.
+
+    A watcher task waits for the process; when it exits by itself with a non-zero status while
+    the runner is not being stopped, the failure is reported (tail logged, file kept).
+    """
+
+    def __init__(
+        self,
+        label: str,
+        process: asyncio.subprocess.Process,
+        path: Path,
+        log: BoundLogger,
+    ) -> None:
+        self.label = label
+        self.process = process
+        self.path = path
+        self.keep = False
+        """Keep the capture file: a failure was reported and points at it."""
+        self.expected = False
+        """The runner is being stopped: an exit now is not a failure."""
+        self._log = log
+        self.watcher = asyncio.create_task(self._watch(), name=f"tart-{label}:{path.name}")
+
+    @property
+    def exited(self) -> bool:
+        return self.process.returncode is not None
+
+    async def _watch(self) -> None:
+        status = await self.process.wait()
+        if self.expected:
+            return
+        if status != 0:
+            self.report(f"tart {self._verb} exited with status {status}")
+        else:
+            self._log.info(f"{self._what} exited", status=status)
+
+    @property
+    def _verb(self) -> str:
+        return "run" if self.label == "vm" else "exec"
+
+    @property
+    def _what(self) -> str:
+        return "VM" if self.label == "vm" else "Runner"
+
+    def report(self, reason: str) -> None:
+        """Log ``reason`` with the tail of the output, and keep the file."""
+        self.keep = True
+        self._log.error(
+            f"{self._what} failed", reason=reason, output=self.tail(), log=str(self.path)
+        )
+
+    def tail(self) -> str:
+        try:
+            with self.path.open("rb") as file:
+                file.seek(0, os.SEEK_END)
+                file.seek(max(0, file.tell() - TAIL_BYTES))
+                data = file.read()
+        except OSError:
+            return ""
+        return data.decode("utf-8", "replace").strip()
+
+    async def end(self, signum: int) -> None:
+        """Make sure the process is gone: ``signum``, then SIGKILL after :data:`_GRACE`."""
+        self.expected = True
+        if not self.exited:
+            await _terminate(self.process, signum)
+        await asyncio.wait({self.watcher})
+
+    def discard(self) -> None:
+        """Remove the capture file unless a failure points at it."""
+        if not self.keep:
+            self.path.unlink(missing_ok=True)
+
+
+async def _terminate(process: asyncio.subprocess.Process, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        process.send_signal(signum)
+    try:
+        async with asyncio.timeout(_GRACE):
+            await process.wait()
+            return
+    except TimeoutError:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        process.kill()
+    await process.wait()
+
+
+@dataclass
+class _Machine:
+    """What this provisioner knows of one runner's VM."""
+
+    name: str
+    tart: str
+    vm: _Background | None = None
+    runner: _Background | None = None
+    may_run: bool = True
+    """False until a start launches ``tart run``: before that, stopping is pointless."""
+    began: float = field(default_factory=time.monotonic)
+
+    def backgrounds(self) -> Iterator[_Background]:
+        yield from (b for b in (self.runner, self.vm) if b is not None)
+
+
+# --------------------------------------------------------------------------------------------
+# Provisioner
+
+
+class TartProvisioner:
+    """Creates one Tart VM per runner and deletes it when the runner stops.
+
+    ``tart_path`` is the tart executable for :meth:`cleanup` and for stopping VMs this instance
+    did not start (each runner's own ``tart.tart_path`` is used for the VMs it starts).
+    ``log_dir`` holds the output capture files (default :func:`default_log_dir`).
+    ``stop_timeout`` is passed as ``tart stop --timeout``.
+    """
+
+    def __init__(
+        self,
+        *,
+        tart_path: str = "tart",
+        log_dir: Path | str | None = None,
+        logger: BoundLogger | None = None,
+        stop_timeout: int = DEFAULT_STOP_TIMEOUT,
+    ) -> None:
+        self._tart_path = tart_path
+        self._log_dir = Path(log_dir) if log_dir is not None else None
+        self._log_dir_ready = False
+        self._log = logger or get_logger("outrunner.provisioners.tart")
+        self._stop_timeout = stop_timeout
+        self._machines: dict[str, _Machine] = {}
+        self._clone_locks: dict[tuple[str, str], asyncio.Lock] = {}
+        # Teardowns and process reaping that outlived a cancelled caller; close() awaits them.
+        self._pending: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    @classmethod
+    def for_runner(
+        cls,
+        runner: RunnerConfig,
+        *,
+        logger: BoundLogger | None = None,
+        log_dir: Path | str | None = None,
+    ) -> TartProvisioner:
+        """A provisioner whose default ``tart_path`` is the runner entry's, so that orphan
+        cleanup (which has only a name prefix to go on) runs the tart that entry uses."""
+        tart_path = runner.tart.tart_path if runner.tart is not None else "tart"
+        return cls(tart_path=tart_path, log_dir=log_dir, logger=logger)
+
+    async def __aenter__(self) -> TartProvisioner:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- the Provisioner protocol ------------------------------------------------------------
+
+    async def start(self, request: RunnerRequest) -> None:
+        """Clone, configure and boot the runner's VM and launch the runner in it; returns once
+        the runner's ``tart exec`` is running.
+
+        On failure or cancellation the processes are ended and the clone is deleted before
+        this returns. Raises :class:`TartProvisionerError`.
+        """
+        if self._closed:
+            raise TartProvisionerError("the Tart provisioner is closed")
+        options = _options_of(request)
+        name = request.name
+        dirs = [_dir_argument(m, name) for m in options.mounts]  # before anything is made
+        if name in self._machines:
+            raise TartProvisionerError(f"VM {name} is already started")
+        machine = self._machines[name] = _Machine(name, options.tart_path, may_run=False)
+        log = self._log.bind(name=name)
+        try:
+            await self._clone(machine, options.image, log)
+            await self._checked(
+                machine.tart,
+                ["set", name, "--cpu", str(options.cpus), "--memory", str(options.memory)],
+                f"set CPUs and memory of VM {name}",
+            )
+            log.debug("Starting VM", cpus=options.cpus, memory=options.memory, mounts=len(dirs))
+            machine.may_run = True
+            machine.vm = await self._launch(machine, "vm", ["run", "--no-graphics", *dirs, name])
+            await self._wait_for_boot(machine, options, log)
+            # Built here and handed straight to the process: the JIT config is never logged.
+            runner_args = ["exec", name, options.runner_cmd, "--jitconfig", request.jit_config]
+            machine.runner = await self._launch(machine, "runner", runner_args)
+            if self._closed:
+                raise TartProvisionerError(f"the Tart provisioner was closed while starting {name}")
+        except BaseException as exc:
+            await self._undo(machine)
+            if isinstance(exc, Exception) and not isinstance(exc, TartProvisionerError):
+                raise TartProvisionerError(f"start VM {name}: {exc}") from exc
+            raise
+        log.info(
+            "Runner started in VM",
+            image=options.image,
+            cmd=options.runner_cmd,
+            seconds=round(time.monotonic() - machine.began, 1),
+        )
+
+    async def stop(self, name: str) -> None:
+        """End the runner, stop the VM and delete it. A VM that is stopped, gone or was never
+        started is not an error; one that cannot be deleted raises
+        :class:`TartProvisionerError`. Works after :meth:`close` too (it only runs tart)."""
+        machine = self._machines.get(name) or _Machine(name, self._tart_path)
+        try:
+            await self._teardown(machine)
+        finally:
+            if self._machines.get(name) is machine:
+                del self._machines[name]
+        self._log.debug("VM deleted", name=name)
+
+    async def close(self) -> None:
+        """Stop and delete every VM this instance started and has not stopped yet; safe to
+        call more than once. (Unlike containers, a VM outlives outrunner only as a stray
+        ``tart run`` child, so close does not leave them to the next start's cleanup.)"""
+        if self._closed:
+            return
+        self._closed = True
+        names = [n for n, m in self._machines.items() if m.runner is not None]
+        if names:
+            self._log.info("Stopping VMs left running", count=len(names))
+            results = await asyncio.gather(*(self.stop(n) for n in names), return_exceptions=True)
+            for name, result in zip(names, results, strict=True):
+                if isinstance(result, Exception):
+                    self._log.error("Failed to stop VM", name=name, error=str(result))
+                elif isinstance(result, BaseException):
+                    raise result
+        if self._pending:
+            await asyncio.wait(set(self._pending))
+
+    # -- OrphanCleaner ---------------------------------------------------------------------------
+
+    async def cleanup(self, prefix: str) -> list[str]:
+        """Stop and delete the local VMs whose name is a runner name of ``prefix`` (see
+        :func:`~outrunner.provisioner.is_runner_name`); return their names. VMs that could not
+        be deleted are logged and left out.
+
+        Tart VMs carry no labels, so any local VM named ``<prefix><8 hex digits>`` is taken
+        for an earlier run's runner.
+        """
+        listed = await self._tart(
+            self._tart_path, ["list", "--source", "local", "--quiet"], timeout=_COMMAND_TIMEOUT
+        )
+        if not listed.ok:
+            raise TartProvisionerError(f"list local VMs: {listed.reason()}")
+        listed_names = (line.strip() for line in listed.stdout.splitlines())
+        names = sorted({name for name in listed_names if is_runner_name(name, prefix)})
+        results = await asyncio.gather(*(self.stop(n) for n in names), return_exceptions=True)
+        removed = []
+        for name, result in zip(names, results, strict=True):
+            if isinstance(result, Exception):
+                self._log.error("Failed to remove orphan VM", name=name, error=str(result))
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                removed.append(name)
+        if removed:
+            self._log.info("Removed orphan VMs", prefix=prefix, count=len(removed))
+        return removed
+
+    async def exited(self, name: str) -> bool:
+        """True when the runner's environment can no longer run a job: its ``tart run`` or
+        its runner's ``tart exec`` has ended, or this instance is not running ``name``. No
+        tart call: it looks at the processes this instance started."""
+        machine = self._machines.get(name)
+        if machine is None or machine.vm is None or machine.runner is None:
+            return True
+        return machine.vm.exited or machine.runner.exited
+
+    # -- steps -----------------------------------------------------------------------------
+
+    async def _clone(self, machine: _Machine, image: str, log: BoundLogger) -> None:
+        # One clone per image at a time: the first clone of an OCI image pulls it (many GB);
+        # the others then wait and clone from tart's cache instead of pulling it again.
+        lock = self._clone_locks.setdefault((machine.tart, image), asyncio.Lock())
+        async with lock:
+            log.debug("Cloning VM", image=image)
+            await self._checked(
+                machine.tart, ["clone", image, machine.name], f"clone {image} to VM {machine.name}"
+            )
+
+    async def _wait_for_boot(self, machine: _Machine, options: TartImage, log: BoundLogger) -> None:
+        """Poll ``tart exec <vm> echo ok`` until it succeeds; fail early if ``tart run`` ends."""
+        vm = machine.vm
+        assert vm is not None
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        deadline = began + options.boot_timeout
+        last = _NO_ANSWER
+        for delay in _backoff():
+            if vm.exited:
+                await asyncio.wait({vm.watcher})  # a non-zero exit is reported there
+                if not vm.keep:  # exit status 0: the guest shut down; still a failed start
+                    vm.report("tart run exited while the VM was booting")
+                raise TartProvisionerError(
+                    f"VM {machine.name} stopped while booting: tart run exited with status "
+                    f"{vm.process.returncode}: {_last_line(vm.tail()) or 'no output'} "
+                    f"(output kept in {vm.path})"
+                )
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            probe = await self._tart(
+                machine.tart,
+                ["exec", machine.name, "echo", "ok"],
+                timeout=min(_PROBE_TIMEOUT, remaining),
+            )
+            if probe.ok:
+                log.debug("Guest agent ready", seconds=round(loop.time() - began, 1))
+                return
+            if probe.status is not None or last == _NO_ANSWER:
+                # A probe cut short by the deadline says less than the one before it.
+                last = probe.reason()
+            # Wake early if the VM dies meanwhile.
+            await asyncio.wait({vm.watcher}, timeout=min(delay, max(0.0, deadline - loop.time())))
+        vm.report(f"no answer from the guest agent within {options.boot_timeout:g} s")
+        raise TartProvisionerError(
+            f"VM {machine.name} did not boot: `tart exec {machine.name} echo ok` kept failing for "
+            f"{options.boot_timeout:g} s (last: {last}); is the Tart Guest Agent installed and "
+            f"running in image {options.image}? (VM output kept in {vm.path})"
+        )
+
+    async def _launch(self, machine: _Machine, label: str, args: Sequence[str]) -> _Background:
+        """Start ``tart <args>`` in the background with its output in a capture file."""
+        directory = self._capture_dir()
+        fd, path = tempfile.mkstemp(prefix=f"{machine.name}-{label}-", suffix=".log", dir=directory)
+        try:
+            process = await asyncio.create_subprocess_exec(
+                machine.tart,
+                *args,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=fd,
+                stderr=fd,
+                start_new_session=True,
+            )
+        except BaseException as exc:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            if isinstance(exc, OSError):
+                raise TartProvisionerError(_cannot_run(machine.tart, exc)) from exc
+            raise
+        finally:
+            os.close(fd)
+        return _Background(label, process, Path(path), self._log.bind(name=machine.name))
+
+    async def _undo(self, machine: _Machine) -> None:
+        """Tear down a failed or cancelled start, whatever interrupts this meanwhile."""
+        task = asyncio.create_task(self._undo_now(machine))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+        # Shielded: a second cancellation must not strand the clone; the teardown then
+        # finishes on its own and close() waits for it.
+        await asyncio.shield(task)
+
+    async def _undo_now(self, machine: _Machine) -> None:
+        try:
+            await self._teardown(machine)
+        except Exception as exc:
+            self._log.error(
+                "Failed to delete a VM whose start failed", name=machine.name, error=exc
+            )
+        finally:
+            if self._machines.get(machine.name) is machine:
+                del self._machines[machine.name]
+
+    async def _teardown(self, machine: _Machine) -> None:
+        """End the runner's exec, stop the VM, delete it; remove capture files unless kept."""
+        name = machine.name
+        for background in machine.backgrounds():
+            background.expected = True  # `tart stop` below ends `tart run` before we do
+        if machine.runner is not None:
+            await machine.runner.end(signal.SIGTERM)
+        if machine.may_run and (machine.vm is None or not machine.vm.exited):
+            stopped = await self._tart(
+                machine.tart,
+                ["stop", "--timeout", str(self._stop_timeout), name],
+                timeout=self._stop_timeout + _GRACE + _COMMAND_TIMEOUT,
+            )
+            if not stopped.ok and stopped.status != _EXIT_NOT_FOUND:
+                # Not fatal: ending our own `tart run` below also stops the VM.
+                self._log.warning("tart stop failed", name=name, error=stopped.reason())
+        if machine.vm is not None:
+            # SIGINT is how `tart stop` asks `tart run` to stop; usually it has exited already.
+            await machine.vm.end(signal.SIGINT)
+        await self._delete(machine)
+        for background in machine.backgrounds():
+            background.discard()
+
+    async def _delete(self, machine: _Machine) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _DELETE_RETRY
+        for delay in _backoff():
+            result = await self._tart(
+                machine.tart, ["delete", machine.name], timeout=_COMMAND_TIMEOUT
+            )
+            if result.ok or result.status == _EXIT_NOT_FOUND:
+                return
+            # tart refuses to delete a running VM (one whose `tart run` is not ours, or is
+            # still exiting): retry for a while.
+            if "is running" not in result.stderr or loop.time() >= deadline:
+                raise TartProvisionerError(f"delete VM {machine.name}: {result.reason()}")
+            await asyncio.sleep(delay)
+
+    # -- running tart ------------------------------------------------------------------------
+
+    async def _checked(self, tart: str, args: Sequence[str], what: str) -> None:
+        timeout = None if args[0] == "clone" else _COMMAND_TIMEOUT
+        result = await self._tart(tart, args, timeout=timeout)
+        if not result.ok:
+            raise TartProvisionerError(f"{what}: tart {args[0]} failed: {result.reason()}")
+
+    async def _tart(self, tart: str, args: Sequence[str], *, timeout: float | None) -> _Result:
+        """Run a short tart command and collect its output; killed after ``timeout``.
+
+        Never pass the JIT config here: ``args`` may end up in messages.
+        """
+        try:
+            process = await asyncio.create_subprocess_exec(
+                tart,
+                *args,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise TartProvisionerError(_cannot_run(tart, exc)) from exc
+        try:
+            async with asyncio.timeout(timeout):
+                stdout, stderr = await process.communicate()
+        except TimeoutError:
+            await _terminate(process, signal.SIGINT)
+            return _Result(None, "", "")
+        except BaseException:
+            # Cancelled: end the command (SIGINT lets `tart clone` remove its temporary
+            # copy), shielded so that a second cancellation cannot leave it running.
+            task = asyncio.create_task(_terminate(process, signal.SIGINT))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+            await asyncio.shield(task)
+            raise
+        return _Result(
+            process.returncode,
+            stdout.decode("utf-8", "replace"),
+            stderr.decode("utf-8", "replace"),
+        )
+
+    def _capture_dir(self) -> Path:
+        if self._log_dir_ready:
+            assert self._log_dir is not None
+            return self._log_dir
+        if self._log_dir is None:
+            self._log_dir = default_log_dir()
+            _private_dir(self._log_dir)
+        else:
+            self._log_dir.mkdir(parents=True, exist_ok=True)
+        self._log_dir_ready = True
+        return self._log_dir
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _options_of(request: RunnerRequest) -> TartImage:
+    options = request.runner.tart
+    if options is None:
+        raise TartProvisionerError(
+            f"runner {request.name}: scale set {request.runner.name} has no tart section"
+        )
+    return options
+
+
+def _dir_argument(mount: TartMount, name: str) -> str:
+    """``--dir=<name>:<source>[:ro]``. Always named, so a guest sees each share as
+    ``<automount point>/<name>`` however many there are."""
+    # tart reads the last ":" part as options when one of its comma-separated items is "ro"
+    # or "tag=...": a source like "/cache,ro" would silently lose its last component.
+    last = mount.source.rsplit("/", 1)[-1].split(",")
+    if any(item == "ro" or item.startswith("tag=") for item in last[1:]):
+        raise TartProvisionerError(
+            f"VM {name}: mount {mount.name}: tart would read the end of source "
+            f"{mount.source!r} as share options"
+        )
+    return f"--dir={mount.name}:{mount.source}" + (":ro" if mount.read_only else "")
+
+
+def _private_dir(path: Path) -> None:
+    """Create ``path`` (mode 0700) or accept it only if it is a directory of ours that nobody
+    else can write to: the default lives in a shared temp dir, where another user could
+    have planted it."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = os.lstat(path)
+    if (
+        not stat.S_ISDIR(info.st_mode)
+        or info.st_uid != os.getuid()
+        or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    ):
+        raise TartProvisionerError(
+            f"log directory {path} is not a directory owned by this user and writable only by "
+            "it; remove it or pass another log_dir"
+        )
+
+
+def _cannot_run(tart: str, exc: OSError) -> str:
+    hint = " (is Tart installed? see tart_path)" if isinstance(exc, FileNotFoundError) else ""
+    return f"cannot run {tart}: {exc.strerror or exc}{hint}"
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1][-TAIL_BYTES:] if lines else ""
+
+
+def _backoff() -> Iterator[float]:
+    delay = _PROBE_FIRST
+    while True:
+        yield delay
+        delay = min(delay * 2, _PROBE_MAX)

@@ -1,0 +1,557 @@
+"""TartProvisioner against the fake tart CLI (outrunner.testing.faketart): exact arguments,
+lifecycle, failures and their logs, cancellation, orphan cleanup, secrecy of the JIT config."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import os
+import secrets
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from outrunner.config import RunnerConfig, TartImage, TartMount
+from outrunner.provisioner import RunnerRequest
+from outrunner.provisioners.tart import (
+    TAIL_BYTES,
+    TartProvisioner,
+    TartProvisionerError,
+    _private_dir,
+)
+from outrunner.testing.contract import runner_name
+from outrunner.testing.faketart import FakeTart, Invocation
+
+pytestmark = pytest.mark.anyio
+
+IDLE_RUNNER = 'printf "%s\\n" "$@" > args.txt\nexec sleep 600\n'
+"""Records its arguments in the VM folder (the fake's guest cwd), then idles until killed."""
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers, also used by test_tart_contract.py
+
+
+def write_script(path: Path, body: str) -> str:
+    path.write_text("#!/bin/sh\n" + body, encoding="utf-8")
+    path.chmod(0o755)
+    return str(path)
+
+
+def install_fake(directory: Path) -> FakeTart:
+    """A fake tart with images ``base`` (boots in 0.1 s), ``broken`` (``tart run`` fails) and
+    ``mute`` (never boots)."""
+    fake = FakeTart.install(directory)
+    fake.create_vm("base", boot_delay=0.1)
+    fake.create_vm("broken", fail={"run": "The number of VMs exceeds the system limit"})
+    fake.create_vm("mute", boot_delay="never")
+    return fake
+
+
+def tart_runner(
+    scale_set: str, fake: FakeTart, runner_cmd: str, *, image: str = "base", **options: Any
+) -> RunnerConfig:
+    tart = TartImage(image=image, runner_cmd=runner_cmd, tart_path=str(fake.executable), **options)
+    return RunnerConfig(name=scale_set, labels=("macos",), tart=tart)
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+def all_ended(fake: FakeTart) -> bool:
+    return all(i.ended is not None for i in fake.invocations())
+
+
+def files(directory: Path) -> list[Path]:
+    return sorted(directory.iterdir()) if directory.exists() else []
+
+
+def read(path: Path) -> str:
+    return path.read_text(encoding="utf-8") if path.exists() else ""
+
+
+def calls(fake: FakeTart, verb: str, name: str | None = None) -> list[Invocation]:
+    return [i for i in fake.invocations() if i.verb == verb and (name is None or name in i.argv)]
+
+
+def logged(caplog: pytest.LogCaptureFixture) -> str:
+    """Everything our records carry: messages and structured attributes."""
+    return "\n".join(
+        f"{r.getMessage()} {json.dumps(getattr(r, 'attrs', {}), default=str)}"
+        for r in caplog.records
+    )
+
+
+def record(caplog: pytest.LogCaptureFixture, message: str) -> dict[str, Any]:
+    found = [r for r in caplog.records if r.getMessage() == message]
+    assert found, f"no {message!r} record in:\n{logged(caplog)}"
+    attrs: dict[str, Any] = found[-1].attrs  # type: ignore[attr-defined]
+    return attrs
+
+
+# --------------------------------------------------------------------------------------------
+# Fixtures
+
+
+@pytest.fixture
+def fake(tmp_path: Path) -> FakeTart:
+    return install_fake(tmp_path / "tart")
+
+
+@pytest.fixture
+def log_dir(tmp_path: Path) -> Path:
+    return tmp_path / "logs"
+
+
+@pytest.fixture
+def idle(tmp_path: Path) -> str:
+    return write_script(tmp_path / "idle.sh", IDLE_RUNNER)
+
+
+@pytest.fixture
+async def provisioner(fake: FakeTart, log_dir: Path) -> Any:
+    provisioner = TartProvisioner(tart_path=str(fake.executable), log_dir=log_dir)
+    try:
+        yield provisioner
+    finally:
+        await provisioner.close()
+
+
+@pytest.fixture
+def scale_set() -> str:
+    return f"tart{secrets.token_hex(3)}"
+
+
+@pytest.fixture
+def tart_logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.DEBUG, logger="outrunner")
+    return caplog
+
+
+def request(name: str, runner: RunnerConfig, jit: str | None = None) -> RunnerRequest:
+    return RunnerRequest(name, jit or f"JIT-{secrets.token_hex(12)}", runner)
+
+
+# --------------------------------------------------------------------------------------------
+# Lifecycle and arguments
+
+
+async def test_lifecycle_runs_exact_commands_and_leaves_nothing(
+    provisioner: TartProvisioner,
+    fake: FakeTart,
+    *,
+    tmp_path: Path,
+    log_dir: Path,
+    scale_set: str,
+    idle: str,
+) -> None:
+    cache, tools = tmp_path / "cache", tmp_path / "tools"
+    cache.mkdir()
+    tools.mkdir()
+    mounts = (
+        TartMount(name="cache", source=str(cache)),
+        TartMount(name="tools", source=str(tools), read_only=True),
+    )
+    runner = tart_runner(scale_set, fake, idle, cpus=3, memory=3072, mounts=mounts)
+    name = runner_name(scale_set)
+    req = request(name, runner)
+
+    await provisioner.start(req)
+
+    assert fake.is_running(name)
+    config = fake.config(name)
+    assert (config["cpuCount"], config["memorySize"]) == (3, 3072 * 1024 * 1024)
+    assert fake.run_info(name)["dirs"] == [
+        {"name": "cache", "path": str(cache), "read_only": False, "tag": AUTOMOUNT},
+        {"name": "tools", "path": str(tools), "read_only": True, "tag": AUTOMOUNT},
+    ]
+    vm_dir = fake.home / "vms" / name
+    await eventually(lambda: read(vm_dir / "args.txt") != "")
+    assert read(vm_dir / "args.txt").split() == ["--jitconfig", req.jit_config]
+    assert not await provisioner.exited(name)
+
+    await provisioner.stop(name)
+
+    argvs = [list(i.argv) for i in fake.invocations()]
+    probes = [a for a in argvs if a == ["exec", name, "echo", "ok"]]
+    assert probes, argvs
+    assert [a for a in argvs if a != ["exec", name, "echo", "ok"]] == [
+        ["clone", "base", name],
+        ["set", name, "--cpu", "3", "--memory", "3072"],
+        ["run", "--no-graphics", f"--dir=cache:{cache}", f"--dir=tools:{tools}:ro", name],
+        ["exec", name, idle, "--jitconfig", req.jit_config],
+        ["stop", "--timeout", "30", name],
+        ["delete", name],
+    ]
+    assert name not in fake.vms()
+    assert all_ended(fake)
+    assert await provisioner.exited(name)
+    assert files(log_dir) == [], "capture files of a clean run are removed"
+
+
+AUTOMOUNT = "com.apple.virtio-fs.automount"
+
+
+async def test_boot_probe_polls_until_the_guest_agent_answers(
+    provisioner: TartProvisioner, fake: FakeTart, scale_set: str, idle: str
+) -> None:
+    fake.create_vm("slow", boot_delay=0.8)
+    name = runner_name(scale_set)
+    began = time.monotonic()
+    await provisioner.start(request(name, tart_runner(scale_set, fake, idle, image="slow")))
+    assert time.monotonic() - began >= 0.8
+    probes = [i for i in calls(fake, "exec", name) if i.argv[2:] == ("echo", "ok")]
+    assert len(probes) >= 2
+    # Exit 2 ("not running") until `tart run` holds the VM, then 1 until the agent answers.
+    assert all(p.status in {1, 2} for p in probes[:-1])
+    assert probes[-1].status == 0
+    await provisioner.stop(name)
+
+
+async def test_oci_image_is_cloned_once_at_a_time_and_pulled_once(
+    provisioner: TartProvisioner, fake: FakeTart, scale_set: str, idle: str
+) -> None:
+    runner = tart_runner(scale_set, fake, idle, image="ghcr.io/cirruslabs/ubuntu-runner-arm64:1")
+    names = [runner_name(scale_set) for _ in range(3)]
+    await asyncio.gather(*(provisioner.start(request(n, runner)) for n in names))
+    clones = calls(fake, "clone")
+    for earlier, later in itertools.pairwise(clones):
+        assert earlier.ended is not None
+        assert earlier.ended <= later.started
+    assert fake.cached_images() == ["ghcr.io/cirruslabs/ubuntu-runner-arm64:1"]
+    await asyncio.gather(*(provisioner.stop(n) for n in names))
+    assert set(fake.vms()) == {"base", "broken", "mute"}
+
+
+# --------------------------------------------------------------------------------------------
+# Failures
+
+
+async def test_boot_timeout_is_a_clear_error_and_deletes_the_clone(
+    provisioner: TartProvisioner,
+    fake: FakeTart,
+    *,
+    log_dir: Path,
+    scale_set: str,
+    idle: str,
+    tart_logs: pytest.LogCaptureFixture,
+) -> None:
+    name = runner_name(scale_set)
+    runner = tart_runner(scale_set, fake, idle, image="mute", boot_timeout=1.0)
+    began = time.monotonic()
+    with pytest.raises(TartProvisionerError) as caught:
+        await provisioner.start(request(name, runner))
+    assert 1.0 <= time.monotonic() - began < 5.0
+    message = str(caught.value)
+    assert f"VM {name} did not boot" in message
+    assert "Tart Guest Agent" in message
+    assert "image mute" in message
+    assert name not in fake.vms()
+    assert all_ended(fake)
+    assert calls(fake, "delete", name)
+    # The VM's output file is kept and named in the error and the log.
+    attrs = record(tart_logs, "VM failed")
+    kept = Path(attrs["log"])
+    assert files(log_dir) == [kept]
+    assert str(kept) in message
+    assert "no answer from the guest agent within 1 s" in attrs["reason"]
+
+
+async def test_failing_run_logs_its_stderr_tail_and_keeps_the_file(
+    provisioner: TartProvisioner,
+    fake: FakeTart,
+    scale_set: str,
+    idle: str,
+    tart_logs: pytest.LogCaptureFixture,
+) -> None:
+    noise = "x" * 3000
+    fake.create_vm("noisy", fail={"run": f"{noise}\nThe number of VMs exceeds the system limit"})
+    name = runner_name(scale_set)
+    runner = tart_runner(scale_set, fake, idle, image="noisy", boot_timeout=60)
+    began = time.monotonic()
+    with pytest.raises(TartProvisionerError, match="exceeds the system limit") as caught:
+        await provisioner.start(request(name, runner))
+    assert time.monotonic() - began < 10, "a dead `tart run` fails the start at once"
+    assert "stopped while booting: tart run exited with status 1" in str(caught.value)
+    attrs = record(tart_logs, "VM failed")
+    assert attrs["reason"] == "tart run exited with status 1"
+    assert attrs["output"].endswith("The number of VMs exceeds the system limit")
+    assert len(attrs["output"].encode()) <= TAIL_BYTES
+    kept = Path(attrs["log"])
+    assert noise in read(kept), "the file has the whole output"
+    assert name not in fake.vms()
+    assert all_ended(fake)
+
+
+async def test_failing_clone(
+    provisioner: TartProvisioner, fake: FakeTart, scale_set: str, idle: str
+) -> None:
+    fake.set_fault("clone", "disk full")
+    name = runner_name(scale_set)
+    with pytest.raises(TartProvisionerError) as caught:
+        await provisioner.start(request(name, tart_runner(scale_set, fake, idle)))
+    assert str(caught.value) == (
+        f"clone base to VM {name}: tart clone failed: exit status 1: disk full"
+    )
+    assert name not in fake.vms()
+    assert [i.verb for i in fake.invocations()] == ["clone", "delete"]
+
+
+async def test_failing_set_deletes_the_clone(
+    provisioner: TartProvisioner, fake: FakeTart, scale_set: str, idle: str
+) -> None:
+    fake.create_vm("macos", os_name="darwin", cpus=4, memory=8192)
+    name = runner_name(scale_set)
+    runner = tart_runner(scale_set, fake, idle, image="macos", cpus=2)
+    with pytest.raises(TartProvisionerError, match="VM should have 4 CPU cores at minimum"):
+        await provisioner.start(request(name, runner))
+    assert name not in fake.vms()
+    assert [i.verb for i in fake.invocations()] == ["clone", "set", "delete"]
+
+
+async def test_exec_that_always_fails_ends_in_a_boot_timeout(
+    provisioner: TartProvisioner, fake: FakeTart, scale_set: str, idle: str
+) -> None:
+    fake.set_fault("exec", "Failed to connect to the VM using its control socket")
+    name = runner_name(scale_set)
+    runner = tart_runner(scale_set, fake, idle, boot_timeout=1.0)
+    with pytest.raises(TartProvisionerError) as caught:
+        await provisioner.start(request(name, runner))
+    assert "last: exit status 1: Failed to connect to the VM" in str(caught.value)
+    assert name not in fake.vms()
+    assert all_ended(fake)
+
+
+async def test_failing_runner_is_logged_and_its_output_kept(
+    provisioner: TartProvisioner,
+    fake: FakeTart,
+    *,
+    tmp_path: Path,
+    log_dir: Path,
+    scale_set: str,
+    tart_logs: pytest.LogCaptureFixture,
+) -> None:
+    crash = write_script(tmp_path / "crash.sh", "echo 'runner: not configured' >&2\nexit 3\n")
+    name = runner_name(scale_set)
+    await provisioner.start(request(name, tart_runner(scale_set, fake, crash)))
+    await eventually(lambda: any(r.getMessage() == "Runner failed" for r in tart_logs.records))
+    assert await provisioner.exited(name)
+    attrs = record(tart_logs, "Runner failed")
+    assert attrs["reason"] == "tart exec exited with status 3"
+    assert attrs["output"] == "runner: not configured"
+    await provisioner.stop(name)
+    assert files(log_dir) == [Path(attrs["log"])]
+    assert read(Path(attrs["log"])) == "runner: not configured\n"
+    assert name not in fake.vms()
+
+
+async def test_missing_tart_executable(fake: FakeTart, scale_set: str, idle: str) -> None:
+    runner = RunnerConfig(
+        name=scale_set,
+        labels=("macos",),
+        tart=TartImage(image="base", runner_cmd=idle, tart_path="/nonexistent/tart"),
+    )
+    async with TartProvisioner(tart_path="/nonexistent/tart") as provisioner:
+        with pytest.raises(TartProvisionerError, match=r"cannot run /nonexistent/tart.*Tart"):
+            await provisioner.start(request(runner_name(scale_set), runner))
+
+
+async def test_ambiguous_mount_source_fails_before_anything_is_made(
+    provisioner: TartProvisioner, fake: FakeTart, tmp_path: Path, scale_set: str, idle: str
+) -> None:
+    source = tmp_path / "cache,ro"
+    source.mkdir()
+    mounts = (TartMount(name="cache", source=str(source)),)
+    runner = tart_runner(scale_set, fake, idle, mounts=mounts)
+    with pytest.raises(TartProvisionerError, match="share options"):
+        await provisioner.start(request(runner_name(scale_set), runner))
+    assert fake.invocations() == []
+
+
+def test_default_log_dir_must_be_private(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    with pytest.raises(TartProvisionerError, match="writable only by"):
+        _private_dir(shared)
+    private = tmp_path / "private" / "logs"
+    _private_dir(private)
+    assert private.stat().st_mode & 0o777 == 0o700
+
+
+# --------------------------------------------------------------------------------------------
+# Stop, exited, close
+
+
+async def test_stop_is_idempotent(
+    provisioner: TartProvisioner, fake: FakeTart, scale_set: str, idle: str
+) -> None:
+    name = runner_name(scale_set)
+    await provisioner.stop(name)  # never started
+    await provisioner.start(request(name, tart_runner(scale_set, fake, idle)))
+    await provisioner.stop(name)
+    await provisioner.stop(name)
+    assert name not in fake.vms()
+    assert all_ended(fake)
+
+
+async def test_vm_that_died_is_reported_exited_and_still_deleted(
+    provisioner: TartProvisioner,
+    fake: FakeTart,
+    scale_set: str,
+    idle: str,
+    tart_logs: pytest.LogCaptureFixture,
+) -> None:
+    name = runner_name(scale_set)
+    await provisioner.start(request(name, tart_runner(scale_set, fake, idle)))
+    os.kill(fake.run_info(name)["pid"], signal.SIGKILL)  # the VM process crashes
+    await eventually(lambda: any(r.getMessage() == "VM failed" for r in tart_logs.records))
+    assert await provisioner.exited(name)
+    assert record(tart_logs, "VM failed")["reason"] == "tart run exited with status -9"
+    await provisioner.stop(name)
+    assert name not in fake.vms()
+    # Only the SIGKILLed `tart run` could not record its end.
+    assert [i for i in fake.invocations() if i.ended is None] == calls(fake, "run", name)
+
+
+async def test_close_stops_and_deletes_what_it_started(
+    fake: FakeTart, log_dir: Path, scale_set: str, idle: str
+) -> None:
+    provisioner = TartProvisioner(tart_path=str(fake.executable), log_dir=log_dir)
+    names = [runner_name(scale_set) for _ in range(2)]
+    runner = tart_runner(scale_set, fake, idle)
+    await asyncio.gather(*(provisioner.start(request(n, runner)) for n in names))
+    await provisioner.close()
+    assert not set(names) & set(fake.vms())
+    assert all_ended(fake)
+    with pytest.raises(TartProvisionerError, match="closed"):
+        await provisioner.start(request(runner_name(scale_set), runner))
+
+
+# --------------------------------------------------------------------------------------------
+# Cancellation
+
+
+async def cancel_when(
+    start: Awaitable[None], ready: Callable[[], bool], timeout: float = 10.0
+) -> None:
+    task = asyncio.ensure_future(start)
+    await eventually(ready, timeout)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_cancellation_during_boot_leaves_nothing(
+    provisioner: TartProvisioner, fake: FakeTart, log_dir: Path, scale_set: str, idle: str
+) -> None:
+    fake.create_vm("sleepy", boot_delay=30)
+    name = runner_name(scale_set)
+    runner = tart_runner(scale_set, fake, idle, image="sleepy")
+    await cancel_when(provisioner.start(request(name, runner)), lambda: fake.is_running(name))
+    assert name not in fake.vms()
+    assert all_ended(fake)
+    assert files(log_dir) == [], "a cancellation is not a failure: no file kept"
+    assert await provisioner.exited(name)
+
+
+async def test_cancellation_during_clone_ends_the_clone_and_leaves_nothing(
+    provisioner: TartProvisioner, fake: FakeTart, scale_set: str, idle: str
+) -> None:
+    fake.set_delay("clone", 5)
+    name = runner_name(scale_set)
+    runner = tart_runner(scale_set, fake, idle)
+    began = time.monotonic()
+    await cancel_when(provisioner.start(request(name, runner)), lambda: bool(calls(fake, "clone")))
+    assert time.monotonic() - began < 4, "the clone was interrupted, not waited for"
+    assert name not in fake.vms()
+    assert all_ended(fake)
+    assert calls(fake, "clone")[0].status == -signal.SIGINT
+
+
+# --------------------------------------------------------------------------------------------
+# Orphan cleanup
+
+
+async def test_cleanup_stops_and_deletes_exactly_this_prefix(
+    provisioner: TartProvisioner, fake: FakeTart, tmp_path: Path
+) -> None:
+    ours_running, ours_stopped = "linux-0a1b2c3d", "linux-deadbeef"
+    others = ["linux-arm-0a1b2c3d", "linux-0a1b2c3", "linux-0a1b2c3dx", "linuxb-0a1b2c3d"]
+    for name in [ours_running, ours_stopped, *others]:
+        fake.create_vm(name)
+    run = await asyncio.create_subprocess_exec(
+        str(fake.executable), "run", "--no-graphics", ours_running
+    )
+    await eventually(lambda: fake.is_running(ours_running))
+
+    removed = await provisioner.cleanup("linux-")
+
+    assert removed == [ours_running, ours_stopped]
+    assert await run.wait() == 0
+    assert sorted(set(fake.vms()) - {"base", "broken", "mute"}) == sorted(others)
+    assert [list(i.argv) for i in calls(fake, "list")] == [["list", "--source", "local", "--quiet"]]
+
+
+async def test_cleanup_reports_what_it_could_not_delete(
+    provisioner: TartProvisioner, fake: FakeTart, tart_logs: pytest.LogCaptureFixture
+) -> None:
+    fake.create_vm("linux-0a1b2c3d", fail={"delete": "permission denied"})
+    fake.create_vm("linux-deadbeef")
+    assert await provisioner.cleanup("linux-") == ["linux-deadbeef"]
+    assert record(tart_logs, "Failed to remove orphan VM")["name"] == "linux-0a1b2c3d"
+
+
+async def test_cleanup_fails_loudly_when_tart_cannot_list(
+    provisioner: TartProvisioner, fake: FakeTart
+) -> None:
+    fake.set_fault("list", "TART_HOME is not writable")
+    with pytest.raises(TartProvisionerError, match=r"list local VMs: .*TART_HOME"):
+        await provisioner.cleanup("linux-")
+
+
+# --------------------------------------------------------------------------------------------
+# Secrecy
+
+
+async def test_jit_config_never_reaches_the_log(
+    provisioner: TartProvisioner,
+    fake: FakeTart,
+    *,
+    tmp_path: Path,
+    scale_set: str,
+    idle: str,
+    tart_logs: pytest.LogCaptureFixture,
+) -> None:
+    jit = f"SECRET-JIT-{secrets.token_hex(16)}"
+    crash = write_script(tmp_path / "crash.sh", "echo boom >&2\nexit 1\n")
+    messages = []
+    # A clean lifecycle, a runner that fails, a boot timeout and a failing run.
+    for image, cmd, timeout in (("base", idle, 5), ("base", crash, 5), ("mute", idle, 0.5)):
+        name = runner_name(scale_set)
+        runner = tart_runner(scale_set, fake, cmd, image=image, boot_timeout=timeout)
+        try:
+            await provisioner.start(request(name, runner, jit))
+        except TartProvisionerError as exc:
+            messages.append(str(exc))
+        await asyncio.sleep(0.3)
+        await provisioner.stop(name)
+    with pytest.raises(TartProvisionerError) as caught:
+        await provisioner.start(
+            request(runner_name(scale_set), tart_runner(scale_set, fake, idle, image="broken"), jit)
+        )
+    messages.append(str(caught.value))
+    assert any(r.getMessage() == "Runner failed" for r in tart_logs.records)
+    assert jit not in logged(tart_logs)
+    assert not any(jit in m for m in messages)
+    assert any(jit in " ".join(i.argv) for i in fake.invocations()), "the runner did get it"

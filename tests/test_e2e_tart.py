@@ -1,0 +1,117 @@
+"""End to end: examples/run.py as a subprocess, FakeGitHub on 127.0.0.1, the fake tart CLI.
+
+The fake's ``tart exec`` runs its command on the host, so the runner command (a script that
+starts ``python -m outrunner.testing.agent``) really takes its job from the fake GitHub and
+reports it. The fake records every tart call, which is how each runner's lifecycle is checked.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from outrunner.testing import FakeGitHub
+from outrunner.testing.faketart import FakeTart, Invocation
+
+SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "run.py"
+TOKEN = "ghp_e2eTartSecretToken_0a9b8c7d6e5f4321"
+SCALE_SET = "e2e-tart"
+IMAGE = "ghcr.io/cirruslabs/ubuntu-runner-arm64:latest"
+
+
+def lifecycle_of(name: str, calls: list[Invocation], runner_cmd: str) -> list[tuple[str, ...]]:
+    """The runner's calls, boot probes folded into one, with the JIT config masked."""
+    steps: list[tuple[str, ...]] = []
+    for call in calls:
+        if name not in call.argv:
+            continue
+        argv = call.argv
+        if argv[:2] == ("exec", name) and argv[2] == runner_cmd:
+            assert argv[3] == "--jitconfig"
+            assert len(argv) == 5
+            argv = (*argv[:4], "<jit>")
+        if argv == ("exec", name, "echo", "ok"):
+            if call.status != 0:
+                continue  # still booting
+            argv = ("probe", name)
+        steps.append(argv)
+    return steps
+
+
+def test_three_jobs_two_runners_sigterm_and_no_leftovers(tmp_path: Path) -> None:
+    fake = FakeTart.install(tmp_path / "tart")
+    runner_cmd = tmp_path / "run.sh"
+    runner_cmd.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m outrunner.testing.agent "$@"\n')
+    runner_cmd.chmod(0o755)
+    temp = tmp_path / "temp"  # the default capture log dir lives under TMPDIR
+    temp.mkdir()
+    with FakeGitHub(pat=TOKEN, long_poll_timeout=1.0) as gh:
+        config = tmp_path / "farm.yml"
+        config.write_text(
+            f"url: {gh.config_url()}\n"
+            "runners:\n"
+            f"  {SCALE_SET}:\n"
+            "    labels: [self-hosted, arm64]\n"
+            "    max_runners: 2\n"
+            "    tart:\n"
+            f"      image: {IMAGE}\n"
+            f"      runner_cmd: {runner_cmd}\n"
+            "      cpus: 2\n"
+            "      memory: 2048\n"
+            "      boot_timeout: 30\n"
+        )
+        env = fake.env(GITHUB_TOKEN=TOKEN, FAKE_TART_BOOT_DELAY="0.3", TMPDIR=str(temp))
+        process = subprocess.Popen(
+            [sys.executable, str(SCRIPT), "--config", str(config), "--log-level", "debug"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        try:
+            gh.wait_for(lambda: len(gh.sessions()) == 1, timeout=30)
+            for n in range(3):
+                gh.queue_job(["arm64"], duration=0.5, display_name=f"e2e job {n}")
+            completed = gh.wait_until_jobs_completed(3, timeout=120)
+            gh.wait_for(lambda: gh.runners() == [], timeout=60)
+            process.send_signal(signal.SIGTERM)
+            output, _ = process.communicate(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+
+        assert process.returncode == 0, output
+        assert [job.result for job in completed] == ["succeeded"] * 3
+        names = {job.runner_name or "" for job in completed}
+        assert len(names) == 3
+        assert "" not in names
+        assert gh.sessions() == []
+        assert gh.runners() == []
+
+    calls = fake.invocations()
+    assert calls[0].argv == ("list", "--source", "local", "--quiet"), "orphan cleanup first"
+    for name in names:
+        assert lifecycle_of(name, calls, str(runner_cmd)) == [
+            ("clone", IMAGE, name),
+            ("set", name, "--cpu", "2", "--memory", "2048"),
+            ("run", "--no-graphics", name),
+            ("probe", name),
+            ("exec", name, str(runner_cmd), "--jitconfig", "<jit>"),
+            ("stop", "--timeout", "30", name),
+            ("delete", name),
+        ], name
+    # The runner may still be exiting when JobCompleted arrives and stop ends it: not a failure.
+    assert "Runner failed" not in output
+    assert "VM failed" not in output
+    # Every tart process ended; only the pulled image is left; no capture file is left.
+    assert all(call.ended is not None for call in calls)
+    assert fake.vms() == []
+    assert fake.cached_images() == [IMAGE]
+    assert [p for p in temp.rglob("*") if p.is_file()] == []
+    # The PAT reaches neither tart nor a log line.
+    assert TOKEN not in (fake.home / "invocations.jsonl").read_text()
+    assert TOKEN not in output
+    assert "Shut down cleanly" in output
