@@ -19,8 +19,8 @@ $(BIN)/.installed: pyproject.toml
 venv: $(BIN)/.installed
 
 lint: venv
-	$(BIN)/ruff check outrunner examples tests bench
-	$(BIN)/ruff format --check outrunner examples tests bench
+	$(BIN)/ruff check outrunner examples tests bench typings
+	$(BIN)/ruff format --check outrunner examples tests bench typings
 
 typecheck: venv
 	$(BIN)/mypy --strict outrunner examples bench

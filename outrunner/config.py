@@ -204,18 +204,88 @@ class LibvirtMount:
     source: str = field(metadata=rules(absolute_path, _virtiofs_tag))
 
 
+LIBVIRT_DEFAULT_URI: Final = "qemu:///system"
+LIBVIRT_DEFAULT_OVERLAY_DIR: Final = "/var/lib/outrunner/overlays"
+LIBVIRT_CPU_MODES: Final = ("host-passthrough", "host-model", "maximum")
+# The backend drives QEMU (guest agent, kvm/qemu domains): the qemu driver over any transport,
+# or libvirt's in-process test driver (for tests of code built on outrunner).
+_LIBVIRT_URI: Final = re.compile(r"^(qemu(\+[a-z0-9]+)?|test)://\S*$")
+_CPU_MODEL: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def _libvirt_uri(value: str) -> str | None:
+    if not _LIBVIRT_URI.match(value):
+        return (
+            "must be a libvirt connection URI of the QEMU driver, like qemu:///system or "
+            f"qemu+ssh://host/system, got {quote(value)}"
+        )
+    return None
+
+
+def _cpu_mode(value: str) -> str | None:
+    if value in LIBVIRT_CPU_MODES or _CPU_MODEL.match(value):
+        return None
+    modes = ", ".join(LIBVIRT_CPU_MODES)
+    return f"must be one of {modes} or a QEMU CPU model name, got {quote(value)}"
+
+
+def _libvirt_checks(image: LibvirtImage) -> str | None:
+    if image.socket and image.uri != LIBVIRT_DEFAULT_URI:
+        return (
+            f"socket and uri cannot both be set (socket means "
+            f"qemu+unix:///system?socket=<path>; put ?socket= into uri {quote(image.uri)} instead)"
+        )
+    if not image.kernel and (image.initrd or image.cmdline):
+        which = " and ".join(k for k in ("initrd", "cmdline") if getattr(image, k))
+        return f"{which} need kernel (they are only used for direct kernel boot)"
+    if image.domain_type == "qemu" and image.cpu_mode == "host-passthrough":
+        return (
+            "cpu_mode host-passthrough needs domain_type kvm: libvirt refuses it for the qemu "
+            "(TCG emulation) domain type; use maximum or host-model, or leave cpu_mode unset"
+        )
+    return None
+
+
 @dataclass(frozen=True)
 class LibvirtImage:
     """A runner in a libvirt/QEMU VM booted from a copy-on-write overlay of ``path``."""
 
     path: str = field(metadata=rules(absolute_path))
+    """The golden qcow2 image; never modified."""
     runner_cmd: str = field(default="/actions-runner/run.sh", metadata=rules(non_blank))
+    uri: str = field(default=LIBVIRT_DEFAULT_URI, metadata=rules(_libvirt_uri))
     socket: str = field(default="", metadata=rules(empty_or(absolute_path)))
-    """libvirtd's Unix socket; empty means the backend's default."""
+    """libvirtd's Unix socket (gha-outrunner's key): ``qemu+unix:///system?socket=<socket>``."""
+    domain_type: Literal["kvm", "qemu"] = "kvm"
+    """``kvm``: hardware virtualization; ``qemu``: TCG emulation (no KVM needed, slow)."""
+    machine: str = field(default="q35", metadata=rules(non_blank, _no_whitespace))
+    firmware: Literal["efi", "bios"] = "efi"
+    cpu_mode: str = field(default="", metadata=rules(empty_or(_cpu_mode)))
+    """Empty: ``host-passthrough`` for kvm, ``maximum`` for qemu; else a mode or a CPU model."""
+    disk_bus: Literal["scsi", "virtio", "sata"] = "scsi"
+    network: str = field(default="default", metadata=rules(non_blank, _no_whitespace))
+    """A libvirt network name; ``none``: no NIC at all."""
+    kernel: str = field(default="", metadata=rules(empty_or(absolute_path)))
+    """Direct kernel boot: the kernel QEMU loads instead of booting the disk."""
+    initrd: str = field(default="", metadata=rules(empty_or(absolute_path)))
+    cmdline: str = ""
+    overlay_dir: str = field(default=LIBVIRT_DEFAULT_OVERLAY_DIR, metadata=rules(absolute_path))
+    """Where each runner's overlay, console log and EFI variables live."""
+    boot_timeout: float = field(default=180.0, metadata=rules(positive))
+    """Seconds the guest agent may take to answer after the VM was created."""
     cpus: int = field(default=4, metadata=rules(positive))
     memory: int = field(default=8192, metadata=rules(positive))
     """MiB."""
     mount: LibvirtMount | None = None
+
+    __schema_checks__: ClassVar[tuple[Check, ...]] = (_libvirt_checks,)
+
+    @property
+    def effective_cpu_mode(self) -> str:
+        """``cpu_mode``, or its default for the domain type when unset."""
+        if self.cpu_mode:
+            return self.cpu_mode
+        return "host-passthrough" if self.domain_type == "kvm" else "maximum"
 
 
 @dataclass(frozen=True)

@@ -42,13 +42,20 @@ DEFAULT_MAX_RUNNERS = 2
 def default_provisioner(runner: RunnerConfig) -> Provisioner:
     """The backend a runner entry names; imported lazily so unused extras need not be installed."""
     kind = runner.provider_type
+    logger = get_logger(f"outrunner.{kind}", scale_set=runner.name)
     try:
         if kind == "docker":
             from outrunner.provisioners.docker import DockerProvisioner
 
-            return DockerProvisioner.for_runner(
-                runner, logger=get_logger("outrunner.docker", scale_set=runner.name)
-            )
+            return DockerProvisioner.for_runner(runner, logger=logger)
+        if kind == "libvirt":
+            from outrunner.provisioners.libvirt import LibvirtProvisioner
+
+            return LibvirtProvisioner.for_runner(runner, logger=logger)
+        if kind == "tart":
+            from outrunner.provisioners.tart import TartProvisioner
+
+            return TartProvisioner.for_runner(runner, logger=logger)
     except ImportError as exc:
         raise ConfigError(
             f"runners.{runner.name}: the {kind} backend needs the '{kind}' extra "

@@ -1079,6 +1079,102 @@ CORPUS = [
         ['unknown key (did you mean "mount"?)'],
         id="libvirt-mounts-plural",
     ),
+    pytest.param(
+        libvirt("path: /w.qcow2\nuri: https://host/system\n"),
+        "runners.win.libvirt.uri",
+        ["must be a libvirt connection URI of the QEMU driver", '"https://host/system"'],
+        id="libvirt-uri-scheme",
+    ),
+    pytest.param(
+        libvirt("path: /w.qcow2\nuri: xen:///system\n"),
+        "runners.win.libvirt.uri",
+        ["QEMU driver"],
+        id="libvirt-uri-xen",
+    ),
+    pytest.param(
+        libvirt("path: /w.qcow2\nuri: 'qemu:///sys tem'\n"),
+        "runners.win.libvirt.uri",
+        ["must be a libvirt connection URI"],
+        id="libvirt-uri-space",
+    ),
+    pytest.param(
+        libvirt("path: /w.qcow2\nsocket: /run/l.sock\nuri: qemu+ssh://h/system\n"),
+        "runners.win.libvirt",
+        ["socket and uri cannot both be set", "?socket="],
+        id="libvirt-socket-and-uri",
+    ),
+    pytest.param(
+        libvirt("path: /w.qcow2\ndomain_type: xen\n"),
+        "runners.win.libvirt.domain_type",
+        ['must be one of "kvm", "qemu"'],
+        id="libvirt-domain-type",
+    ),
+    pytest.param(
+        libvirt("path: /w.qcow2\nfirmware: uefi\n"),
+        "runners.win.libvirt.firmware",
+        ['must be one of "efi", "bios"', 'did you mean "efi"?'],
+        id="libvirt-firmware",
+    ),
+    pytest.param(
+        libvirt("path: /w.qcow2\ndisk_bus: ide\n"),
+        "runners.win.libvirt.disk_bus",
+        ['must be one of "scsi", "virtio", "sata"'],
+        id="libvirt-disk-bus",
+    ),
+    pytest.param(
+        libvirt("path: /w.qcow2\ncpu_mode: host passthrough\n"),
+        "runners.win.libvirt.cpu_mode",
+        ["host-passthrough, host-model, maximum or a QEMU CPU model name"],
+        id="libvirt-cpu-mode",
+    ),
+    pytest.param(
+        libvirt("path: /w.qcow2\ndomain_type: qemu\ncpu_mode: host-passthrough\n"),
+        "runners.win.libvirt",
+        ["cpu_mode host-passthrough needs domain_type kvm", "maximum or host-model"],
+        id="libvirt-tcg-passthrough",
+    ),
+    pytest.param(
+        libvirt("path: /w.qcow2\nmachine: pc q35\n"),
+        "runners.win.libvirt.machine",
+        ["must not contain whitespace"],
+        id="libvirt-machine-space",
+    ),
+    pytest.param(
+        libvirt("path: /w.qcow2\nnetwork: ''\n"),
+        "runners.win.libvirt.network",
+        ["must not be empty"],
+        id="libvirt-network-empty",
+    ),
+    pytest.param(
+        libvirt("path: /w.qcow2\nkernel: boot/vmlinuz\n"),
+        "runners.win.libvirt.kernel",
+        ['must be an absolute path, got "boot/vmlinuz"'],
+        id="libvirt-kernel-relative",
+    ),
+    pytest.param(
+        libvirt("path: /w.qcow2\ninitrd: /boot/initrd.img\ncmdline: quiet\n"),
+        "runners.win.libvirt",
+        ["initrd and cmdline need kernel"],
+        id="libvirt-initrd-without-kernel",
+    ),
+    pytest.param(
+        libvirt("path: /w.qcow2\noverlay_dir: overlays\n"),
+        "runners.win.libvirt.overlay_dir",
+        ['must be an absolute path, got "overlays"'],
+        id="libvirt-overlay-dir-relative",
+    ),
+    pytest.param(
+        libvirt("path: /w.qcow2\nboot_timeout: 0\n"),
+        "runners.win.libvirt.boot_timeout",
+        ["must be greater than 0, got 0"],
+        id="libvirt-boot-timeout-zero",
+    ),
+    pytest.param(
+        libvirt("path: /w.qcow2\nboot_timeout: 3m\n"),
+        "runners.win.libvirt.boot_timeout",
+        ['expected a number, got string "3m"'],
+        id="libvirt-boot-timeout-str",
+    ),
     # -- tart ---------------------------------------------------------------------------------
     pytest.param(
         tart("cpus: 4\n"),
@@ -1231,6 +1327,91 @@ def test_docker_options_all_set(tmp_path: Path) -> None:
     assert image.auto_remove is False
     assert image.stop_timeout == 0
     hash(image)  # still a frozen, hashable config
+
+
+def test_libvirt_options_defaults(tmp_path: Path) -> None:
+    image = load(tmp_path, libvirt("path: /w.qcow2\n")).runners["win"].libvirt
+    assert image == LibvirtImage(path="/w.qcow2")
+    assert (image.uri, image.socket) == ("qemu:///system", "")
+    assert (image.domain_type, image.machine, image.firmware) == ("kvm", "q35", "efi")
+    assert (image.cpu_mode, image.effective_cpu_mode) == ("", "host-passthrough")
+    assert (image.disk_bus, image.network) == ("scsi", "default")
+    assert (image.kernel, image.initrd, image.cmdline) == ("", "", "")
+    assert image.overlay_dir == "/var/lib/outrunner/overlays"
+    assert image.boot_timeout == 180.0
+    assert (image.cpus, image.memory, image.mount) == (4, 8192, None)
+
+
+def test_libvirt_options_all_set(tmp_path: Path) -> None:
+    body = """\
+        path: /images/micro.qcow2
+        runner_cmd: /opt/runner/run.sh
+        uri: qemu+ssh://ci@hv1/system
+        domain_type: qemu
+        machine: pc
+        firmware: bios
+        cpu_mode: host-model
+        disk_bus: virtio
+        network: none
+        kernel: /images/vmlinux
+        initrd: /images/initrd.img
+        cmdline: console=ttyS0 quiet
+        overlay_dir: /srv/overlays
+        boot_timeout: 30.5
+        cpus: 1
+        memory: 256
+        """
+    image = load(tmp_path, libvirt(body)).runners["win"].libvirt
+    assert image is not None
+    assert image.uri == "qemu+ssh://ci@hv1/system"
+    assert (image.domain_type, image.machine, image.firmware) == ("qemu", "pc", "bios")
+    assert (image.cpu_mode, image.effective_cpu_mode) == ("host-model", "host-model")
+    assert (image.disk_bus, image.network) == ("virtio", "none")
+    assert image.kernel == "/images/vmlinux"
+    assert image.initrd == "/images/initrd.img"
+    assert image.cmdline == "console=ttyS0 quiet"
+    assert image.overlay_dir == "/srv/overlays"
+    assert image.boot_timeout == 30.5
+    assert (image.cpus, image.memory) == (1, 256)
+    hash(image)
+
+
+@pytest.mark.parametrize(
+    ("body", "mode"),
+    [
+        ("domain_type: qemu\n", "maximum"),
+        ("domain_type: kvm\n", "host-passthrough"),
+        ("domain_type: qemu\ncpu_mode: Skylake-Client-v4\n", "Skylake-Client-v4"),
+        ("cpu_mode: maximum\n", "maximum"),
+    ],
+)
+def test_libvirt_cpu_mode_default_follows_domain_type(tmp_path: Path, body: str, mode: str) -> None:
+    image = load(tmp_path, libvirt(f"path: /w.qcow2\n{body}")).runners["win"].libvirt
+    assert image is not None
+    assert image.effective_cpu_mode == mode
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "qemu:///system",
+        "qemu:///session",
+        "qemu+ssh://root@h:2222/system?keyfile=/k",
+        "test:///default",
+    ],
+)
+def test_libvirt_uri_forms(tmp_path: Path, uri: str) -> None:
+    image = load(tmp_path, libvirt(f"path: /w.qcow2\nuri: '{uri}'\n")).runners["win"].libvirt
+    assert image is not None
+    assert image.uri == uri
+
+
+def test_libvirt_socket_with_the_default_uri(tmp_path: Path) -> None:
+    # gha-outrunner's key, with the URI left at (or spelled as) its default.
+    for body in ("socket: /run/l.sock\n", "socket: /run/l.sock\nuri: qemu:///system\n"):
+        image = load(tmp_path, libvirt(f"path: /w.qcow2\n{body}")).runners["win"].libvirt
+        assert image is not None
+        assert image.socket == "/run/l.sock"
 
 
 @pytest.mark.parametrize(
