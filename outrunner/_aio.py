@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -19,3 +20,15 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
     await asyncio.wait({task})
     if not task.cancelled():
         task.exception()
+
+
+def backoff(first: float, maximum: float, factor: float = 2.0) -> Iterator[float]:
+    """Endless poll delays: ``first``, then multiplied by ``factor`` up to ``maximum``.
+
+    Backends poll a daemon between short calls (DESIGN: never sleep in a worker thread); this
+    keeps the first answers quick and the steady state cheap.
+    """
+    delay = first
+    while True:
+        yield delay
+        delay = min(delay * factor, maximum)

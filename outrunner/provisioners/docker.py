@@ -38,6 +38,7 @@ import docker.errors
 import docker.types
 from docker.utils import kwargs_from_env
 
+from outrunner._aio import backoff
 from outrunner.config import DockerImage, RunnerConfig
 from outrunner.log import BoundLogger, get_logger
 from outrunner.provisioner import RunnerRequest, is_runner_name
@@ -485,7 +486,7 @@ class DockerProvisioner:
                 return
             raise DockerProvisionerError(f"stop container {name}: {_explain(exc)}") from exc
         deadline = time.monotonic() + timeout
-        for delay in _backoff():
+        for delay in backoff(_POLL_FIRST, _POLL_MAX):
             state = await self._inspect(client, ref)
             if state is None or not state.get("State", {}).get("Running", False):
                 return
@@ -501,7 +502,7 @@ class DockerProvisioner:
         exited): retry until the engine answers 404, bounded by :data:`_GONE_TIMEOUT`.
         """
         deadline = time.monotonic() + _GONE_TIMEOUT
-        for delay in _backoff():
+        for delay in backoff(_POLL_FIRST, _POLL_MAX):
             try:
                 await self._call(client.remove_container, ref, force=True)
             except docker.errors.NotFound:
@@ -587,13 +588,6 @@ def _explain(exc: BaseException) -> str:
     if isinstance(exc, docker.errors.APIError) and exc.explanation:
         return str(exc.explanation)
     return str(exc) or type(exc).__name__
-
-
-def _backoff() -> Iterator[float]:
-    delay = _POLL_FIRST
-    while True:
-        yield delay
-        delay = min(delay * 2, _POLL_MAX)
 
 
 class _PullProgress:

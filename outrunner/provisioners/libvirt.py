@@ -29,7 +29,7 @@ import os
 import stat
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -39,6 +39,7 @@ from typing import Any, Final, ParamSpec, TypeVar
 import libvirt
 import libvirt_qemu
 
+from outrunner._aio import backoff
 from outrunner.config import (
     LIBVIRT_DEFAULT_OVERLAY_DIR,
     LIBVIRT_DEFAULT_URI,
@@ -501,7 +502,7 @@ class LibvirtProvisioner:
         deadline = time.monotonic() + options.boot_timeout
         ping = json.dumps({"execute": "guest-ping"})
         last_error = "no answer"
-        for polls, delay in enumerate(_backoff(), start=1):
+        for polls, delay in enumerate(backoff(_POLL_FIRST, _POLL_MAX, factor=1.5), start=1):
             try:
                 await self._call(self._agent_command, domain, ping, _PING_TIMEOUT)
             except libvirt.libvirtError as exc:
@@ -604,7 +605,7 @@ class LibvirtProvisioner:
         deadline = time.monotonic() + _GONE_TIMEOUT
         try:
             await self._with(uri, _destroy_named, name)
-            for delay in _backoff():
+            for delay in backoff(_POLL_FIRST, _POLL_MAX, factor=1.5):
                 if await self._with(uri, _running_domain, name) is None:
                     return
                 if time.monotonic() >= deadline:
@@ -856,10 +857,3 @@ def _explain(exc: BaseException) -> str:
 
 def _since(began: float) -> float:
     return round(time.monotonic() - began, 2)
-
-
-def _backoff() -> Iterator[float]:
-    delay = _POLL_FIRST
-    while True:
-        yield delay
-        delay = min(delay * 1.5, _POLL_MAX)

@@ -44,6 +44,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final
 
+from outrunner._aio import backoff
 from outrunner.config import RunnerConfig, TartImage, TartMount
 from outrunner.log import BoundLogger, get_logger
 from outrunner.provisioner import RunnerRequest, is_runner_name
@@ -409,7 +410,7 @@ class TartProvisioner:
         began = loop.time()
         deadline = began + options.boot_timeout
         last = _NO_ANSWER
-        for delay in _backoff():
+        for delay in backoff(_PROBE_FIRST, _PROBE_MAX):
             if vm.exited:
                 await asyncio.wait({vm.watcher})  # a non-zero exit is reported there
                 if not vm.keep:  # exit status 0: the guest shut down; still a failed start
@@ -511,7 +512,7 @@ class TartProvisioner:
     async def _delete(self, machine: _Machine) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + _DELETE_RETRY
-        for delay in _backoff():
+        for delay in backoff(_PROBE_FIRST, _PROBE_MAX):
             result = await self._tart(
                 machine.tart, ["delete", machine.name], timeout=_COMMAND_TIMEOUT
             )
@@ -632,10 +633,3 @@ def _cannot_run(tart: str, exc: OSError) -> str:
 def _last_line(text: str) -> str:
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return lines[-1][-TAIL_BYTES:] if lines else ""
-
-
-def _backoff() -> Iterator[float]:
-    delay = _PROBE_FIRST
-    while True:
-        yield delay
-        delay = min(delay * 2, _PROBE_MAX)
