@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 
 async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
@@ -32,3 +33,21 @@ def backoff(first: float, maximum: float, factor: float = 2.0) -> Iterator[float
     while True:
         yield delay
         delay = min(delay * factor, maximum)
+
+
+class ClosingContext:
+    """``async with obj:`` that calls ``await obj.close()`` on the way out."""
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()

@@ -30,7 +30,6 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Final, ParamSpec, TypeVar
 
 import docker
@@ -38,7 +37,7 @@ import docker.errors
 import docker.types
 from docker.utils import kwargs_from_env
 
-from outrunner._aio import backoff
+from outrunner._aio import ClosingContext, backoff
 from outrunner.config import DockerImage, RunnerConfig
 from outrunner.log import BoundLogger, get_logger
 from outrunner.provisioner import RunnerRequest, is_runner_name
@@ -168,7 +167,7 @@ def default_client(url: str | None) -> docker.APIClient:
 # Provisioner
 
 
-class DockerProvisioner:
+class DockerProvisioner(ClosingContext):
     """Creates one container per runner and removes it when the runner stops.
 
     ``host`` is the engine for runners without their own ``docker.host`` (default: resolved as
@@ -217,17 +216,6 @@ class DockerProvisioner:
         return cls(
             host=host or None, logger=logger, client_factory=client_factory, executor=executor
         )
-
-    async def __aenter__(self) -> DockerProvisioner:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     # -- the Provisioner protocol ------------------------------------------------------------
 

@@ -33,13 +33,12 @@ from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from types import TracebackType
 from typing import Any, Final, ParamSpec, TypeVar
 
 import libvirt
 import libvirt_qemu
 
-from outrunner._aio import backoff
+from outrunner._aio import ClosingContext, backoff
 from outrunner.config import (
     LIBVIRT_DEFAULT_OVERLAY_DIR,
     LIBVIRT_DEFAULT_URI,
@@ -136,7 +135,7 @@ class _Runner:
     exited: bool = False
 
 
-class LibvirtProvisioner:
+class LibvirtProvisioner(ClosingContext):
     """Boots one VM per runner and destroys it (and its files) when the runner stops.
 
     ``uri`` and ``overlay_dir`` are where orphan cleanup looks (runners use their entry's own
@@ -192,17 +191,6 @@ class LibvirtProvisioner:
             executor=executor,
             agent_command=agent_command,
         )
-
-    async def __aenter__(self) -> LibvirtProvisioner:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     # -- the Provisioner protocol ------------------------------------------------------------
 

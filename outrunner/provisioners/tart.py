@@ -41,10 +41,9 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Final
 
-from outrunner._aio import backoff
+from outrunner._aio import ClosingContext, backoff
 from outrunner.config import RunnerConfig, TartImage, TartMount
 from outrunner.log import BoundLogger, get_logger
 from outrunner.provisioner import RunnerRequest, is_runner_name
@@ -222,7 +221,7 @@ class _Machine:
 # Provisioner
 
 
-class TartProvisioner:
+class TartProvisioner(ClosingContext):
     """Creates one Tart VM per runner and deletes it when the runner stops.
 
     ``tart_path`` is the tart executable for :meth:`cleanup` and for stopping VMs this instance
@@ -262,17 +261,6 @@ class TartProvisioner:
         cleanup (which has only a name prefix to go on) runs the tart that entry uses."""
         tart_path = runner.tart.tart_path if runner.tart is not None else "tart"
         return cls(tart_path=tart_path, log_dir=log_dir, logger=logger)
-
-    async def __aenter__(self) -> TartProvisioner:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     # -- the Provisioner protocol ------------------------------------------------------------
 

@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from outrunner._aio import cancel_and_wait
+from outrunner._aio import ClosingContext, cancel_and_wait
 from outrunner.provisioner import RunnerRequest, is_runner_name
 
 __all__ = ["InMemoryProvisioner", "MemoryEnvironment"]
@@ -31,7 +31,7 @@ class MemoryEnvironment:
         return self.task is not None and self.task.done()
 
 
-class InMemoryProvisioner:
+class InMemoryProvisioner(ClosingContext):
     """Environments as dict entries, with knobs to make start slow, blocked or failing."""
 
     def __init__(
