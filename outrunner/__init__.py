@@ -31,7 +31,13 @@ from outrunner.log import (
     get_logger,
     register_secret,
 )
-from outrunner.provisioner import OrphanCleaner, Provisioner, RunnerRequest, is_runner_name
+from outrunner.provisioner import (
+    EnvironmentMonitor,
+    OrphanCleaner,
+    Provisioner,
+    RunnerRequest,
+    is_runner_name,
+)
 from outrunner.runner import RunnerPhase, RunnerSnapshot, RunnerState
 from outrunner.scaler import Scaler, ScalerError, ScaleSetClient
 from outrunner.service import Service, serve
@@ -44,6 +50,7 @@ __all__ = [
     "ConfigProblem",
     "DockerImage",
     "DockerMount",
+    "EnvironmentMonitor",
     "JsonFormatter",
     "LibvirtImage",
     "LibvirtMount",

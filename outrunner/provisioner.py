@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 if TYPE_CHECKING:
     from outrunner.config import RunnerConfig
 
-__all__ = ["OrphanCleaner", "Provisioner", "RunnerRequest", "is_runner_name"]
+__all__ = ["EnvironmentMonitor", "OrphanCleaner", "Provisioner", "RunnerRequest", "is_runner_name"]
 
 _RUNNER_SUFFIX = re.compile(r"[0-9a-f]{8}")
 
@@ -74,4 +74,18 @@ class OrphanCleaner(Protocol):
 
         ``prefix`` is ``<scale set name>-``; match names with :func:`is_runner_name`.
         """
+        ...
+
+
+@runtime_checkable
+class EnvironmentMonitor(Protocol):
+    """Optional provisioner capability: tell whether a started environment has ended.
+
+    The Scaler polls it for runners it believes alive, so an environment that dies without its
+    job ever reporting completion (a crashed container, a VM that powered off, a runner that
+    refused its JIT config) is stopped and deregistered instead of holding a slot forever.
+    """
+
+    async def exited(self, name: str) -> bool:
+        """True when the environment ``name`` is gone or its runner process has ended."""
         ...

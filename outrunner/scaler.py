@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from outrunner._aio import cancel_and_wait
 from outrunner.log import BoundLogger, get_logger, register_secret, unregister_secret
-from outrunner.provisioner import Provisioner, RunnerRequest
+from outrunner.provisioner import EnvironmentMonitor, Provisioner, RunnerRequest
 from outrunner.runner import RunnerPhase, RunnerSnapshot, RunnerState
 from outrunner.scaleset.errors import RunnerNotFoundError
 from outrunner.scaleset.types import JitRunnerConfig, JitRunnerSetting, JobCompleted, JobStarted
@@ -33,6 +33,8 @@ __all__ = ["ScaleSetClient", "Scaler", "ScalerError"]
 STOP_TIMEOUT = 120.0
 """Seconds a provisioner's stop may take before the runner is deregistered anyway."""
 DEREGISTER_TIMEOUT = 10.0
+WATCH_INTERVAL = 15.0
+"""Seconds between checks that a live runner's environment still exists (EnvironmentMonitor)."""
 JIT_CONCURRENCY = 8
 """JIT configs requested at once during a burst; bounded so a burst of 100 does not open 100."""
 
@@ -72,6 +74,7 @@ class Scaler:
         stop_timeout: float = STOP_TIMEOUT,
         deregister_timeout: float = DEREGISTER_TIMEOUT,
         jit_concurrency: int = JIT_CONCURRENCY,
+        watch_interval: float = WATCH_INTERVAL,
     ) -> None:
         if max_runners < 0:
             raise ValueError(f"max_runners must be >= 0, got {max_runners}")
@@ -88,6 +91,7 @@ class Scaler:
         self._stop_timeout = stop_timeout
         self._deregister_timeout = deregister_timeout
         self._jit_slots = asyncio.Semaphore(jit_concurrency)
+        self._watch_interval = watch_interval
 
         self._runners: dict[str, RunnerState] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -220,13 +224,16 @@ class Scaler:
             if not await self._provision(state, request):
                 await self._deregister(state.name, state.runner_id)
                 return
-            done = asyncio.create_task(state.wait_done())
-            shutdown = asyncio.create_task(self._shutting_down.wait())
+            waits = {
+                asyncio.create_task(state.wait_done()),
+                asyncio.create_task(self._shutting_down.wait()),
+                asyncio.create_task(self._watch(state.name)),
+            }
             try:
-                await asyncio.wait({done, shutdown}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                done.cancel()
-                shutdown.cancel()
+                for wait in waits:
+                    await cancel_and_wait(wait)
             self._set_phase(state, RunnerPhase.STOPPING)
             self._log.info("Stopping runner", name=state.name)
             await self._stop(state.name)
@@ -237,6 +244,26 @@ class Scaler:
             self._tasks.pop(state.name, None)
             if self._on_phase_change is not None:
                 self._on_phase_change(state.name, None)
+
+    async def _watch(self, name: str) -> None:
+        """Return once the runner's environment has ended on its own; never, without a monitor."""
+        monitor = self._provisioner
+        if not isinstance(monitor, EnvironmentMonitor):
+            await asyncio.Event().wait()
+            return
+        while True:
+            await asyncio.sleep(self._watch_interval)
+            try:
+                ended = await monitor.exited(name)
+            except Exception as exc:  # a monitor hiccup is no reason to drop a runner
+                self._log.debug("Could not check runner environment", name=name, error=str(exc))
+                continue
+            if ended:
+                # A runner exits right after its job, a moment before GitHub's JobCompleted
+                # arrives: give that message the chance to end the wait the normal way.
+                await asyncio.sleep(min(self._watch_interval, 5.0))
+                self._log.warning("Runner environment ended without a completed job", name=name)
+                return
 
     async def _provision(self, state: RunnerState, request: RunnerRequest) -> bool:
         """Run the provisioner's start as its own task so shutdown can cancel just this step."""

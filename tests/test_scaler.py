@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from collections.abc import Callable
 
@@ -506,3 +507,50 @@ async def test_max_runners_can_change_at_run_time() -> None:
 def test_negative_max_runners_is_rejected() -> None:
     with pytest.raises(ValueError, match="max_runners"):
         make_scaler(FakeClient(), InMemoryProvisioner(), max_runners=-1)
+
+
+async def test_environment_that_dies_is_stopped_and_deregistered(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    client = FakeClient()
+
+    async def crashes(request: RunnerRequest) -> None:
+        return None  # the runner process ends at once, without ever taking a job
+
+    prov = InMemoryProvisioner(workload=crashes)
+    caplog.set_level(logging.WARNING, logger="outrunner")
+    s = make_scaler(client, prov, watch_interval=0.02)
+    await s.handle_desired_runner_count(1)
+    name = s.runners()[0].name
+    await eventually(lambda: s.runners() == [])
+    assert prov.stopped == [name]
+    assert client.removed == [1]
+    assert "Runner environment ended without a completed job" in caplog.messages
+    # The freed slot is filled again on the next demand signal.
+    assert await s.handle_desired_runner_count(1) == 1
+    await s.shutdown()
+
+
+async def test_job_completed_just_after_the_environment_ended_is_not_a_death(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    client, gate = FakeClient(), asyncio.Event()
+
+    async def finishes(request: RunnerRequest) -> None:
+        await gate.wait()
+
+    prov = InMemoryProvisioner(workload=finishes)
+    caplog.set_level(logging.WARNING, logger="outrunner")
+    s = make_scaler(client, prov, watch_interval=0.2)
+    await s.handle_desired_runner_count(1)
+    await eventually(lambda: phases(s) == [RunnerPhase.IDLE])
+    name = s.runners()[0].name
+    gate.set()  # the runner process ends ...
+    await asyncio.sleep(0.25)  # ... the watcher notices ...
+    await s.handle_job_completed(
+        JobCompleted(runner_name=name, result="succeeded")
+    )  # ... then GitHub
+    await eventually(lambda: s.runners() == [])
+    assert "Runner environment ended without a completed job" not in caplog.messages
+    assert client.removed == [1]
+    await s.shutdown()

@@ -91,6 +91,10 @@ class InMemoryProvisioner(ClosingContext):
         if env is not None:
             await cancel_and_wait(env.task)
 
+    async def exited(self, name: str) -> bool:
+        env = self.environments.get(name)
+        return env is None or env.exited
+
     async def cleanup(self, prefix: str) -> list[str]:
         names = sorted(name for name in self.environments if is_runner_name(name, prefix))
         for name in names:
