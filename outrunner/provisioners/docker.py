@@ -26,11 +26,11 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Final, ParamSpec, TypeVar
+from typing import Any, Final
 
 import docker
 import docker.errors
@@ -41,6 +41,7 @@ from outrunner._aio import ClosingContext, backoff
 from outrunner.config import DockerImage, RunnerConfig
 from outrunner.log import BoundLogger, get_logger
 from outrunner.provisioner import RunnerRequest, is_runner_name
+from outrunner.provisioners._workers import Workers
 
 __all__ = [
     "JIT_ENV",
@@ -73,9 +74,6 @@ _GONE_TIMEOUT: Final = 30.0
 """Seconds a removal may stay "in progress" before stop gives up."""
 _POLL_FIRST: Final = 0.02
 _POLL_MAX: Final = 0.25
-
-_P = ParamSpec("_P")
-_T = TypeVar("_T")
 
 
 class DockerProvisionerError(RuntimeError):
@@ -187,18 +185,14 @@ class DockerProvisioner(ClosingContext):
         self._default_host = host or None
         self._log = logger or get_logger("outrunner.provisioners.docker")
         self._client_factory = client_factory or default_client
-        self._own_executor = executor is None
-        self._executor = executor or ThreadPoolExecutor(
-            DEFAULT_WORKERS, thread_name_prefix="outrunner-docker"
-        )
+        self._workers = Workers(executor, max_workers=DEFAULT_WORKERS, name="outrunner-docker")
+        self._call = self._workers.call
         self._endpoints: dict[str, EngineEndpoint] = {}
         self._clients: dict[str | None, docker.APIClient] = {}
         self._connecting = asyncio.Lock()
         self._pull_locks: dict[tuple[str | None, str], asyncio.Lock] = {}
         # The engine option of each runner this instance started, so stop() finds its engine.
         self._runner_hosts: dict[str, str] = {}
-        # Removals of half-made containers that outlived a cancelled start; close() awaits them.
-        self._undoing: set[asyncio.Task[None]] = set()
         self._closed = False
 
     @classmethod
@@ -265,14 +259,11 @@ class DockerProvisioner(ClosingContext):
         if self._closed:
             return
         self._closed = True
-        if self._undoing:
-            await asyncio.wait(set(self._undoing), timeout=_GONE_TIMEOUT)
         clients = list(self._clients.values())
         self._clients.clear()
         for client in clients:
             await self._call(client.close)
-        if self._own_executor:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+        await self._workers.close(_GONE_TIMEOUT)
 
     # -- OrphanCleaner ---------------------------------------------------------------------------
 
@@ -319,11 +310,6 @@ class DockerProvisioner(ClosingContext):
     def _check_open(self) -> None:
         if self._closed:
             raise DockerProvisionerError("the Docker provisioner is closed")
-
-    async def _call(self, fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
-        """Run one short blocking SDK call in the provisioner's executor."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, partial(fn, *args, **kwargs))
 
     async def _client(self, option: str) -> docker.APIClient:
         """The client for a runner's ``docker.host`` option (``""``: the default engine)."""
@@ -391,7 +377,7 @@ class DockerProvisioner(ClosingContext):
         except Exception as exc:
             raise DockerProvisionerError(f"pull image {image}: {_explain(exc)}") from exc
         progress = _PullProgress(log.bind(image=image))
-        reader = _StreamReader(self._executor, stream)
+        reader = _StreamReader(self._workers.executor, stream)
         try:
             async for line in reader:
                 if "error" in line:
@@ -411,11 +397,10 @@ class DockerProvisioner(ClosingContext):
         self, client: docker.APIClient, request: RunnerRequest, options: DockerImage
     ) -> str:
         spec = _container_spec(client, request, options)
-        loop = asyncio.get_running_loop()
         # The create future is kept (and shielded) so that, whatever interrupts start, the
         # container it makes is found and removed, even if the call is still running in its
         # thread when the cancellation arrives.
-        created = loop.run_in_executor(self._executor, partial(client.create_container, **spec))
+        created = self._workers.submit(partial(client.create_container, **spec))
         try:
             container_id = str((await asyncio.shield(created))["Id"])
             await self._call(client.start, container_id)
@@ -429,12 +414,7 @@ class DockerProvisioner(ClosingContext):
         return container_id
 
     async def _undo_create(self, client: docker.APIClient, created: asyncio.Future[Any]) -> None:
-        task = asyncio.create_task(self._remove_created(client, created))
-        self._undoing.add(task)
-        task.add_done_callback(self._undoing.discard)
-        # Shielded: a second cancellation must not strand the container; the removal then
-        # finishes on its own and close() waits for it.
-        await asyncio.shield(task)
+        await self._workers.undo(self._remove_created(client, created))
 
     async def _remove_created(self, client: docker.APIClient, created: asyncio.Future[Any]) -> None:
         try:

@@ -30,10 +30,9 @@ import stat
 import time
 import urllib.parse
 from collections.abc import Callable
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass
-from functools import partial
-from typing import Any, Final, ParamSpec, TypeVar
+from typing import Any, Final, TypeVar
 
 import libvirt
 import libvirt_qemu
@@ -55,6 +54,7 @@ from outrunner.provisioners._libvirt_xml import (
     parse_metadata,
     render_domain_xml,
 )
+from outrunner.provisioners._workers import Workers
 
 __all__ = [
     "DEFAULT_WORKERS",
@@ -84,7 +84,6 @@ _QEMU_IMG_TIMEOUT: Final = 120.0
 _POLL_FIRST: Final = 0.05
 _POLL_MAX: Final = 0.25
 
-_P = ParamSpec("_P")
 _T = TypeVar("_T")
 
 
@@ -158,16 +157,12 @@ class LibvirtProvisioner(ClosingContext):
         self._overlay_dir = overlay_dir
         self._log = logger or get_logger("outrunner.provisioners.libvirt")
         self._agent_command = agent_command or _qemu_agent_command
-        self._own_executor = executor is None
-        self._executor = executor or ThreadPoolExecutor(
-            DEFAULT_WORKERS, thread_name_prefix="outrunner-libvirt"
-        )
+        self._workers = Workers(executor, max_workers=DEFAULT_WORKERS, name="outrunner-libvirt")
+        self._call = self._workers.call
         self._conns: dict[str, libvirt.virConnect] = {}
         self._connecting = asyncio.Lock()
         self._runners: dict[str, _Runner] = {}
         self._checked_dirs: set[str] = set()
-        # Teardowns of half-made VMs that outlived a cancelled start; close() awaits them.
-        self._undoing: set[asyncio.Task[None]] = set()
         self._closed = False
 
     @classmethod
@@ -222,10 +217,9 @@ class LibvirtProvisioner(ClosingContext):
             await _create_overlay(options.path, files.overlay)
             conn = await self._live_conn(uri)
             xml = render_domain_xml(DomainSpec(name, request.runner.name, options, files))
-            loop = asyncio.get_running_loop()
             # Kept (and shielded) so that whatever interrupts start, the domain this call makes
             # is found and destroyed, even while the call is still running in its thread.
-            created = loop.run_in_executor(self._executor, conn.createXML, xml, 0)
+            created = self._workers.submit(conn.createXML, xml, 0)
             try:
                 domain = await asyncio.shield(created)
             except libvirt.libvirtError as exc:
@@ -286,15 +280,12 @@ class LibvirtProvisioner(ClosingContext):
         if self._closed:
             return
         self._closed = True
-        if self._undoing:
-            await asyncio.wait(set(self._undoing), timeout=_GONE_TIMEOUT)
         conns = list(self._conns.values())
         self._conns.clear()
         for conn in conns:
             with contextlib.suppress(libvirt.libvirtError):
                 await self._call(conn.close)
-        if self._own_executor:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+        await self._workers.close(_GONE_TIMEOUT)
 
     # -- OrphanCleaner -----------------------------------------------------------------------
 
@@ -394,11 +385,6 @@ class LibvirtProvisioner(ClosingContext):
         if self._closed:
             raise LibvirtProvisionerError("the libvirt provisioner is closed")
 
-    async def _call(self, fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
-        """Run one short blocking call in the provisioner's executor."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, partial(fn, *args, **kwargs))
-
     async def _with(self, uri: str, fn: Callable[..., _T], *args: Any) -> _T:
         """``fn(connection, *args)`` in the executor. When the call fails because the
         connection died (libvirtd restarted), reconnect and try once more: every ``fn`` passed
@@ -448,7 +434,7 @@ class LibvirtProvisioner(ClosingContext):
             del self._conns[uri]
             self._log.warning("libvirt connection lost; reconnecting on next use", uri=uri)
             with contextlib.suppress(RuntimeError):  # the executor is already shut down
-                self._executor.submit(_close_quietly, conn)
+                self._workers.executor.submit(_close_quietly, conn)
 
     # -- start -------------------------------------------------------------------------------
 
@@ -554,12 +540,7 @@ class LibvirtProvisioner(ClosingContext):
         files: RunnerFiles,
         created: asyncio.Future[libvirt.virDomain] | None,
     ) -> None:
-        task = asyncio.create_task(self._remove_created(name, files, created))
-        self._undoing.add(task)
-        task.add_done_callback(self._undoing.discard)
-        # Shielded: a second cancellation must not strand the VM; the teardown then finishes
-        # on its own and close() waits for it.
-        await asyncio.shield(task)
+        await self._workers.undo(self._remove_created(name, files, created))
 
     async def _remove_created(
         self,
