@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -20,10 +17,10 @@ from typing import Any
 import pytest
 
 from outrunner.testing import FakeGitHub
+from tests.support.run_script import run_jobs, run_script
 
 pytestmark = pytest.mark.docker
 
-SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "run.py"
 TOKEN = "ghp_e2eSecretToken_9f8e7d6c5b4a39281706"
 SCALE_SET = "e2e-docker"
 
@@ -70,31 +67,15 @@ def test_six_jobs_three_runners_sigterm_and_no_leftovers(
         )
         watcher = ContainerWatcher(engine)
         watcher.start()
-        env = {**os.environ, "GITHUB_TOKEN": TOKEN}
-        process = subprocess.Popen(
-            [sys.executable, str(SCRIPT), "--config", str(config), "--log-level", "debug"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-        )
         try:
-            gh.wait_for(lambda: len(gh.sessions()) == 1, timeout=30)
-            for n in range(6):
-                gh.queue_job(["e2e"], duration=1.0, display_name=f"e2e job {n}")
-            completed = gh.wait_until_jobs_completed(6, timeout=180)
-            # Let the last runners be stopped and deregistered before asking for shutdown.
-            gh.wait_for(lambda: gh.runners() == [], timeout=60)
-            process.send_signal(signal.SIGTERM)
-            output, _ = process.communicate(timeout=60)
+            with run_script(config, {**os.environ, "GITHUB_TOKEN": TOKEN}) as script:
+                completed = run_jobs(gh, ["e2e"], 6, duration=1.0)
+                status, output = script.sigterm()
         finally:
-            if process.poll() is None:
-                process.kill()
-                process.communicate()
             watcher.stop_event.set()
             watcher.join()
 
-        assert process.returncode == 0, output
+        assert status == 0, output
         assert [job.result for job in completed] == ["succeeded"] * 6
         assert len({job.runner_name for job in completed}) == 6
         assert gh.sessions() == []

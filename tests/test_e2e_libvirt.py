@@ -22,9 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -37,11 +34,11 @@ from outrunner.testing.agent import AgentResult, decode_jit_config, run_agent
 from tests.provisioners.libvirt_helpers import read_guest_file
 from tests.support.guest import JIT_FILE, Guest
 from tests.support.libvirt_daemon import SESSION_PREFIX, URI, domain_names, leftovers
+from tests.support.run_script import run_jobs, run_script
 from tests.support.vm_timings import VmTimings
 
 pytestmark = pytest.mark.libvirt
 
-SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "run.py"
 TOKEN = "ghp_e2eLibvirtSecret_0a9b8c7d6e5f4031"
 SCALE_SET = f"{SESSION_PREFIX}e2e"
 JOBS = 2
@@ -129,35 +126,20 @@ def test_two_jobs_in_two_vms_then_nothing_left(
         )
         relay = Relay()
         relay.start()
-        env = {**os.environ, "GITHUB_TOKEN": TOKEN}
-        process = subprocess.Popen(
-            [sys.executable, str(SCRIPT), "--config", str(config), "--log-level", "debug"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-        )
         try:
-            gh.wait_for(lambda: len(gh.sessions()) == 1, timeout=30)
-            for n in range(JOBS):
-                gh.queue_job(["e2e-vm"], duration=1.0, display_name=f"vm job {n}")
-            completed = gh.wait_until_jobs_completed(JOBS, timeout=180)
-            # After its job each runner is stopped (VM destroyed, then its files deleted) and
-            # deregistered; wait for all of that before asking for shutdown.
-            gh.wait_for(lambda: gh.runners() == [], timeout=60)
-            gh.wait_for(lambda: domain_names(libvirt_conn, f"{SCALE_SET}-") == [], timeout=30)
-            gh.wait_for(lambda: leftovers(overlays, SCALE_SET) == [], timeout=30)
-            process.send_signal(signal.SIGTERM)
-            output, _ = process.communicate(timeout=60)
+            with run_script(config, {**os.environ, "GITHUB_TOKEN": TOKEN}) as script:
+                completed = run_jobs(gh, ["e2e-vm"], JOBS, duration=1.0)
+                # After its job each runner is stopped (VM destroyed, then its files deleted)
+                # and deregistered; wait for all of that before asking for shutdown.
+                gh.wait_for(lambda: domain_names(libvirt_conn, f"{SCALE_SET}-") == [], timeout=30)
+                gh.wait_for(lambda: leftovers(overlays, SCALE_SET) == [], timeout=30)
+                status, output = script.sigterm()
         finally:
-            if process.poll() is None:
-                process.kill()
-                process.communicate()
             relay.stop_event.set()
             relay.join(timeout=30)
 
         VmTimings.add_from_output(output.splitlines())
-        assert process.returncode == 0, output
+        assert status == 0, output
         assert relay.errors == [], relay.errors
         assert [job.result for job in completed] == ["succeeded"] * JOBS
         runners = {job.runner_name for job in completed}

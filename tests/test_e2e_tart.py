@@ -7,15 +7,13 @@ reports it. The fake records every tart call, which is how each runner's lifecyc
 
 from __future__ import annotations
 
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 from outrunner.testing import FakeGitHub
 from outrunner.testing.faketart import FakeTart, Invocation
+from tests.support.run_script import run_jobs, run_script
 
-SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "run.py"
 TOKEN = "ghp_e2eTartSecretToken_0a9b8c7d6e5f4321"
 SCALE_SET = "e2e-tart"
 IMAGE = "ghcr.io/cirruslabs/ubuntu-runner-arm64:latest"
@@ -63,27 +61,11 @@ def test_three_jobs_two_runners_sigterm_and_no_leftovers(tmp_path: Path) -> None
             "      boot_timeout: 30\n"
         )
         env = fake.env(GITHUB_TOKEN=TOKEN, FAKE_TART_BOOT_DELAY="0.3", TMPDIR=str(temp))
-        process = subprocess.Popen(
-            [sys.executable, str(SCRIPT), "--config", str(config), "--log-level", "debug"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-        )
-        try:
-            gh.wait_for(lambda: len(gh.sessions()) == 1, timeout=30)
-            for n in range(3):
-                gh.queue_job(["arm64"], duration=0.5, display_name=f"e2e job {n}")
-            completed = gh.wait_until_jobs_completed(3, timeout=120)
-            gh.wait_for(lambda: gh.runners() == [], timeout=60)
-            process.send_signal(signal.SIGTERM)
-            output, _ = process.communicate(timeout=60)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.communicate()
+        with run_script(config, env) as script:
+            completed = run_jobs(gh, ["arm64"], 3, duration=0.5, timeout=120)
+            status, output = script.sigterm()
 
-        assert process.returncode == 0, output
+        assert status == 0, output
         assert [job.result for job in completed] == ["succeeded"] * 3
         names = {job.runner_name or "" for job in completed}
         assert len(names) == 3
