@@ -19,6 +19,7 @@ from outrunner.log import BoundLogger, get_logger
 from outrunner.provisioner import OrphanCleaner, Provisioner
 from outrunner.runner import RunnerSnapshot
 from outrunner.scaler import Scaler
+from outrunner.scaleset.errors import RetryExhaustedError, TransportError
 from outrunner.scaleset.listener import Listener
 from outrunner.scaleset.session import MessageSession
 from outrunner.scaleset.types import (
@@ -113,10 +114,15 @@ class ScaleSetWorker:
         return [] if self._scaler is None else self._scaler.runners()
 
     async def run(self) -> None:
-        """Set up the scale set, then listen until cancelled. Setup errors are raised."""
+        """Set up the scale set, then listen until cancelled.
+
+        Setup is retried with backoff while GitHub cannot be reached (every HTTP attempt failed
+        in a retryable way); any other setup error (bad credentials, an unknown runner group) is
+        raised, since waiting will not fix it.
+        """
         try:
             await self._clean_orphans()
-            scale_set = await self._ensure_scale_set()
+            scale_set = await self._set_up()
             self.scale_set = scale_set
             failures = 0
             while True:
@@ -131,6 +137,17 @@ class ScaleSetWorker:
                     await self._sleep(delay)
         finally:
             await self._provisioner.close()
+
+    async def _set_up(self) -> RunnerScaleSet:
+        failures = 0
+        while True:
+            try:
+                return await self._ensure_scale_set()
+            except (RetryExhaustedError, TransportError) as exc:
+                failures += 1
+                delay = self._backoff.delay(failures)
+                self._log.error("GitHub unreachable during setup", error=str(exc), retry_in=delay)
+                await self._sleep(delay)
 
     async def _clean_orphans(self) -> None:
         if not isinstance(self._provisioner, OrphanCleaner):

@@ -310,3 +310,32 @@ async def test_serve_stops_cleanly_on_sigterm() -> None:
         async with asyncio.timeout(10):
             await serving
         assert gh.sessions() == []
+
+
+async def test_setup_waits_out_an_unreachable_github_instead_of_failing() -> None:
+    async with FakeGitHub(pat=TOKEN, long_poll_timeout=0.3) as gh:
+        # Every attempt of the first lookup fails (the client makes 5), then GitHub is back.
+        gh.fail_next(Endpoint.GET_RUNNER_GROUP, times=5, status=503)
+        sleeps: list[float] = []
+
+        async def fake_sleep(delay: float) -> None:
+            sleeps.append(delay)
+
+        async with fast_client(gh.config_url(), TOKEN) as client:
+            provisioner = InMemoryProvisioner()
+            worker = ScaleSetWorker(
+                client,
+                runner(),
+                max_runners=1,
+                provisioner=provisioner,
+                owner="me",
+                sleep=fake_sleep,
+            )
+            task = asyncio.create_task(worker.run())
+            async with asyncio.timeout(10):
+                await worker.ready.wait()
+            assert sleeps == [1.0]
+            assert [s.name for s in gh.scale_sets()] == ["linux"]
+            task.cancel()
+            await asyncio.wait({task})
+        assert gh.sessions() == []
