@@ -14,7 +14,15 @@ import argparse
 import asyncio
 import sys
 
-from outrunner import ConfigError, Service, __version__, configure_logging, get_logger, load_config
+from outrunner import (
+    ConfigError,
+    ProvisionerError,
+    Service,
+    __version__,
+    configure_logging,
+    get_logger,
+    load_config,
+)
 from outrunner.demo import run_demo
 from outrunner.scaleset import ScaleSetError
 from outrunner.service import serve
@@ -63,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level, args.log_format, sys.stdout)
     try:
         return asyncio.run(amain(args))
-    except (ConfigError, ScaleSetError) as exc:
+    except (ConfigError, ScaleSetError, ProvisionerError) as exc:
         print(f"outrunner: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -35,6 +35,7 @@ from outrunner.provisioner import (
     EnvironmentMonitor,
     OrphanCleaner,
     Provisioner,
+    ProvisionerError,
     RunnerRequest,
     is_runner_name,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "LibvirtMount",
     "OrphanCleaner",
     "Provisioner",
+    "ProvisionerError",
     "RunnerConfig",
     "RunnerPhase",
     "RunnerRequest",

@@ -24,7 +24,20 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 if TYPE_CHECKING:
     from outrunner.config import RunnerConfig
 
-__all__ = ["EnvironmentMonitor", "OrphanCleaner", "Provisioner", "RunnerRequest", "is_runner_name"]
+__all__ = [
+    "EnvironmentMonitor",
+    "OrphanCleaner",
+    "Provisioner",
+    "ProvisionerError",
+    "RunnerRequest",
+    "is_runner_name",
+]
+
+
+class ProvisionerError(RuntimeError):
+    """A backend could not create, inspect or remove an environment; the message says which
+    and why, in words an operator can act on (the backends subclass it)."""
+
 
 _RUNNER_SUFFIX = re.compile(r"[0-9a-f]{8}")
 

@@ -142,6 +142,7 @@ class Service:
     async def run(self) -> None:
         clients: dict[tuple[str, str], Client] = {}
         tasks: list[asyncio.Task[None]] = []
+        failed: asyncio.Task[None] | None = None
         try:
             for plan in self._plans:
                 key = (plan.url, plan.token)
@@ -163,27 +164,31 @@ class Service:
             stop = asyncio.create_task(self._stop.wait())
             done, _ = await asyncio.wait([*tasks, stop], return_when=asyncio.FIRST_COMPLETED)
             stop.cancel()
-            failed = next(
-                (t for t in done if t is not stop and not t.cancelled() and t.exception()), None
-            )
+            failed = next((t for t in tasks if t in done and _failure(t) is not None), None)
             if failed is not None:
-                raise failed.exception()  # type: ignore[misc]
+                raise _failure(failed)  # type: ignore[misc]
         finally:
-            await self._shutdown(tasks)
+            await self._shutdown(tasks, raised=failed)
             for client in clients.values():
                 await client.aclose()
         self._log.info("Shut down cleanly")
 
-    async def _shutdown(self, tasks: list[asyncio.Task[None]]) -> None:
+    async def _shutdown(
+        self, tasks: list[asyncio.Task[None]], *, raised: asyncio.Task[None] | None
+    ) -> None:
         for task in tasks:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks)
+        # run() raises the failure that ended it; other workers that failed are only logged.
         for task in tasks:
-            if not task.cancelled() and task.exception() is not None:
-                self._log.error(
-                    "Scale set worker failed", task=task.get_name(), error=str(task.exception())
-                )
+            error = _failure(task)
+            if error is not None and task is not raised:
+                self._log.error("Scale set worker failed", task=task.get_name(), error=str(error))
+
+
+def _failure(task: asyncio.Task[None]) -> BaseException | None:
+    return None if not task.done() or task.cancelled() else task.exception()
 
 
 async def serve(service: Service) -> None:

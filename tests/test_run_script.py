@@ -76,3 +76,25 @@ def test_demo_runs_every_job_and_leaves_nothing() -> None:
     assert "jobs:                4 (succeeded=4)" in result.stdout
     assert "leftover runners:    0" in result.stdout
     assert "verdict:             OK" in result.stdout
+
+
+def test_unreachable_backend_is_one_clear_line(tmp_path: Path) -> None:
+    config = tmp_path / "farm.yml"
+    # Loopback URL on a closed port: nothing leaves the machine even if cleanup passed.
+    config.write_text(
+        "url: http://127.0.0.1:9/org\nrunners:\n  linux:\n    labels: [linux]\n"
+        "    docker: {image: x, host: 'unix:///nonexistent/docker.sock'}\n"
+    )
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={"PATH": "/usr/bin:/bin", "GITHUB_TOKEN": "ghp_notARealToken0123456789"},
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("outrunner: error: ")
+    assert "/nonexistent/docker.sock" in result.stderr
+    assert "ghp_notARealToken0123456789" not in result.stdout + result.stderr

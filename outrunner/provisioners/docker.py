@@ -40,7 +40,7 @@ from docker.utils import kwargs_from_env
 from outrunner._aio import ClosingContext, backoff
 from outrunner.config import DockerImage, RunnerConfig
 from outrunner.log import BoundLogger, get_logger
-from outrunner.provisioner import RunnerRequest, is_runner_name
+from outrunner.provisioner import ProvisionerError, RunnerRequest, is_runner_name
 from outrunner.provisioners._workers import Workers
 
 __all__ = [
@@ -76,7 +76,7 @@ _POLL_FIRST: Final = 0.02
 _POLL_MAX: Final = 0.25
 
 
-class DockerProvisionerError(RuntimeError):
+class DockerProvisionerError(ProvisionerError):
     """A container could not be created, started, stopped or listed; the message says which
     runner, image or engine, and what the engine answered."""
 

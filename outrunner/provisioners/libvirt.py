@@ -45,7 +45,7 @@ from outrunner.config import (
     RunnerConfig,
 )
 from outrunner.log import BoundLogger, get_logger
-from outrunner.provisioner import RunnerRequest, is_runner_name
+from outrunner.provisioner import ProvisionerError, RunnerRequest, is_runner_name
 from outrunner.provisioners._libvirt_xml import (
     METADATA_NS,
     DomainSpec,
@@ -87,7 +87,7 @@ _POLL_MAX: Final = 0.25
 _T = TypeVar("_T")
 
 
-class LibvirtProvisionerError(RuntimeError):
+class LibvirtProvisionerError(ProvisionerError):
     """A VM could not be created, booted, started, stopped or listed; the message says which
     runner, domain or file, and what libvirt, QEMU or the guest agent answered."""
 

@@ -46,7 +46,7 @@ from typing import Final
 from outrunner._aio import ClosingContext, backoff
 from outrunner.config import RunnerConfig, TartImage, TartMount
 from outrunner.log import BoundLogger, get_logger
-from outrunner.provisioner import RunnerRequest, is_runner_name
+from outrunner.provisioner import ProvisionerError, RunnerRequest, is_runner_name
 
 __all__ = [
     "DEFAULT_STOP_TIMEOUT",
@@ -77,7 +77,7 @@ _EXIT_NOT_FOUND: Final = 2
 """tart's exit status for "does not exist", "is not running" and "is already running"."""
 
 
-class TartProvisionerError(RuntimeError):
+class TartProvisionerError(ProvisionerError):
     """A VM could not be cloned, configured, booted, stopped, deleted or listed; the message
     names the VM, the step and what tart said."""
 
