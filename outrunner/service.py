@@ -127,7 +127,11 @@ class Service:
         )
 
     def stop(self) -> None:
-        """Ask :meth:`run` to shut down; safe from a signal handler (call_soon_threadsafe)."""
+        """Ask :meth:`run` to shut down.
+
+        Call it on the event loop (``loop.add_signal_handler`` callbacks run there); from another
+        thread use ``loop.call_soon_threadsafe(service.stop)``.
+        """
         self._stop.set()
 
     def runners(self) -> dict[str, list[RunnerSnapshot]]:
@@ -143,8 +147,13 @@ class Service:
         clients: dict[tuple[str, str], Client] = {}
         tasks: list[asyncio.Task[None]] = []
         failed: asyncio.Task[None] | None = None
+        provisioners: list[Provisioner] = []
         try:
+            # Every provisioner is built before any worker starts, so a backend that cannot be
+            # built (a missing extra) fails the run before anything happened at GitHub.
             for plan in self._plans:
+                provisioners.append(self._provisioner_factory(plan.runner))
+            for plan, provisioner in zip(self._plans, provisioners, strict=True):
                 key = (plan.url, plan.token)
                 if key not in clients:
                     clients[key] = self._client_factory(plan.url, plan.token)
@@ -153,7 +162,7 @@ class Service:
                     clients[key],
                     plan.runner,
                     max_runners=plan.max_runners,
-                    provisioner=self._provisioner_factory(plan.runner),
+                    provisioner=provisioner,
                     owner=self._owner,
                     logger=self._log.bind(scale_set=plan.runner.name),
                     shutdown_timeout=self._shutdown_timeout,
@@ -169,6 +178,9 @@ class Service:
                 raise _failure(failed)  # type: ignore[misc]
         finally:
             await self._shutdown(tasks, raised=failed)
+            # A worker closes its own provisioner; these never got a worker.
+            for provisioner in provisioners[len(tasks) :]:
+                await provisioner.close()
             for client in clients.values():
                 await client.aclose()
         self._log.info("Shut down cleanly")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from outrunner.config import Config, DockerImage, RunnerConfig
+from outrunner.config import Config, ConfigError, DockerImage, RunnerConfig
 from outrunner.log import SimpleHandler
 from outrunner.provisioner import Provisioner, RunnerRequest
 from outrunner.scaleset import Client, NameLookupError, PersonalAccessToken, RetryPolicy
@@ -339,3 +339,25 @@ async def test_setup_waits_out_an_unreachable_github_instead_of_failing() -> Non
             task.cancel()
             await asyncio.wait({task})
         assert gh.sessions() == []
+
+
+async def test_a_backend_that_cannot_be_built_fails_before_github_is_touched() -> None:
+    async with FakeGitHub(pat=TOKEN, long_poll_timeout=0.3) as gh:
+        built: list[InMemoryProvisioner] = []
+
+        def factory(entry: RunnerConfig) -> Provisioner:
+            if entry.name == "b":
+                raise ConfigError("runners.b: the docker backend needs the 'docker' extra")
+            built.append(InMemoryProvisioner())
+            return built[-1]
+
+        config = Config(
+            url=gh.config_url(), runners={"a": runner("a", ("a",)), "b": runner("b", ("b",))}
+        )
+        service = Service(
+            config, token=TOKEN, provisioner_factory=factory, client_factory=fast_client
+        )
+        with pytest.raises(ConfigError, match="needs the 'docker' extra"):
+            await service.run()
+        assert [p.closed for p in built] == [True]
+        assert gh.requests == []
