@@ -91,6 +91,7 @@ class ScaleSetWorker:
         shutdown_timeout: float = 30.0,
         backoff: Backoff | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        healthy_after: float = 300.0,
     ) -> None:
         self.runner = runner
         self.max_runners = max_runners
@@ -101,6 +102,7 @@ class ScaleSetWorker:
         self._shutdown_timeout = shutdown_timeout
         self._backoff = backoff or Backoff()
         self._sleep = sleep
+        self._healthy_after = healthy_after
         self._scaler: Scaler | None = None
         self.scale_set: RunnerScaleSet | None = None
         self.ready = asyncio.Event()
@@ -125,12 +127,16 @@ class ScaleSetWorker:
             scale_set = await self._set_up()
             self.scale_set = scale_set
             failures = 0
+            loop = asyncio.get_running_loop()
             while True:
+                began = loop.time()
                 try:
                     await self._listen(scale_set.id)
                 except Exception as exc:
                     # Whatever broke the session (GitHub down, token trouble, a scaler error),
                     # its runners are cleaned up by now; a new session is the way forward.
+                    if loop.time() - began >= self._healthy_after:
+                        failures = 0  # a session that served for a while starts a fresh count
                     failures += 1
                     delay = self._backoff.delay(failures)
                     self._log.error("Listener failed, reconnecting", error=str(exc), retry_in=delay)

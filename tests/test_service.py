@@ -361,3 +361,31 @@ async def test_a_backend_that_cannot_be_built_fails_before_github_is_touched() -
             await service.run()
         assert [p.closed for p in built] == [True]
         assert gh.requests == []
+
+
+@pytest.mark.parametrize(("healthy_after", "expected"), [(3600.0, [1, 2, 4]), (0.0, [1, 1, 1])])
+async def test_reconnect_backoff_restarts_after_a_healthy_session(
+    healthy_after: float, expected: list[float]
+) -> None:
+    async with FakeGitHub(pat=TOKEN, long_poll_timeout=0.3) as gh:
+        gh.fail_next(Endpoint.CREATE_SESSION, times=10, status=400)
+        sleeps: list[float] = []
+
+        async def fake_sleep(delay: float) -> None:
+            sleeps.append(delay)
+            if len(sleeps) == 3:
+                raise asyncio.CancelledError
+
+        async with fast_client(gh.config_url(), TOKEN) as client:
+            worker = ScaleSetWorker(
+                client,
+                runner(),
+                max_runners=1,
+                provisioner=InMemoryProvisioner(),
+                owner="me",
+                sleep=fake_sleep,
+                healthy_after=healthy_after,
+            )
+            with pytest.raises(asyncio.CancelledError):
+                await worker.run()
+        assert sleeps == expected
