@@ -10,13 +10,17 @@ CONFIG ?=
 
 .PHONY: venv test lint typecheck pytest run clean
 
-$(BIN)/.installed: pyproject.toml
+# The stamp names the extras, so a venv made before the libvirt headers arrived is completed later.
+comma := ,
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+
+$(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
 	touch $@
 
-venv: $(BIN)/.installed
+venv: $(STAMP)
 
 lint: venv
 	$(BIN)/ruff check outrunner examples tests bench typings
