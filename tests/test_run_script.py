@@ -11,13 +11,17 @@ import outrunner
 SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "run.py"
 
 
-def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def run(
+    *args: str, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the script; ``env`` replaces the whole environment (None: inherit ours)."""
     return subprocess.run(
         [sys.executable, str(SCRIPT), *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         check=False,
+        env=env,
     )
 
 
@@ -57,14 +61,7 @@ def test_missing_token_is_a_clear_error(tmp_path: Path) -> None:
         "url: https://github.com/org\nrunners:\n  linux:\n    labels: [linux]\n"
         "    docker: {image: x}\n"
     )
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={"PATH": "/usr/bin:/bin"},
-    )
+    result = run("--config", str(config), timeout=60, env={"PATH": "/usr/bin:/bin"})
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert "token" in result.stderr.lower()
@@ -85,12 +82,10 @@ def test_unreachable_backend_is_one_clear_line(tmp_path: Path) -> None:
         "url: http://127.0.0.1:9/org\nrunners:\n  linux:\n    labels: [linux]\n"
         "    docker: {image: x, host: 'unix:///nonexistent/docker.sock'}\n"
     )
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--config", str(config)],
-        capture_output=True,
-        text=True,
+    result = run(
+        "--config",
+        str(config),
         timeout=60,
-        check=False,
         env={"PATH": "/usr/bin:/bin", "GITHUB_TOKEN": "ghp_notARealToken0123456789"},
     )
     assert result.returncode == 1
