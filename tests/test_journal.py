@@ -1,0 +1,585 @@
+"""The runner journal: round trips, damaged files, compaction, crashes, the lock, the state dir.
+
+Everything works on real files under ``tmp_path``; crashes are real (``SIGKILL`` of a child
+process, or a child that dies at a chosen point with ``os._exit``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from outrunner.journal import (
+    JOURNAL_FILE,
+    LOCK_FILE,
+    Journal,
+    JournalEntry,
+    JournalError,
+    JournalPhase,
+    StateDir,
+    resolve_state_dir,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+ENVELOPE = {"v", "op"}
+ENTRY_KEYS = {"scale_set", "name", "runner_id", "backend", "phase", "updated_at"}
+
+
+def entry(name: str, scale_set: str = "linux", **fields: object) -> JournalEntry:
+    return JournalEntry(scale_set=scale_set, name=name, **fields)  # type: ignore[arg-type]
+
+
+def lines_of(journal_dir: Path) -> list[bytes]:
+    return (journal_dir / JOURNAL_FILE).read_bytes().splitlines(keepends=True)
+
+
+def write_journal(journal_dir: Path, entries: list[JournalEntry]) -> bytes:
+    """Write ``entries`` through a real journal and return the file's bytes."""
+    with Journal.open(journal_dir, durable=False) as journal:
+        for e in entries:
+            journal.record(e)
+    return (journal_dir / JOURNAL_FILE).read_bytes()
+
+
+THREE = [
+    entry("linux-00000001", runner_id=1, backend="docker", phase=JournalPhase.IDLE, updated_at=1.0),
+    entry(
+        "linux-00000002", runner_id=2, backend="docker", phase=JournalPhase.RUNNING, updated_at=2.5
+    ),
+    entry("linux-00000003", runner_id=3, backend="docker", updated_at=1774879509.123456),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Round trips
+
+
+def test_entries_survive_a_reopen_in_first_recorded_order(tmp_path: Path) -> None:
+    recorded = [
+        entry("linux-0a", runner_id=11, backend="docker", phase=JournalPhase.PROVISIONING),
+        entry("mac-0b", scale_set="mac", runner_id=12, backend="tart", phase=JournalPhase.RUNNING),
+        entry("linux-0c", backend="libvirt"),  # runner id still unknown
+        entry("linux-0d", runner_id=2**40, phase=JournalPhase.DEREGISTERING, updated_at=7.5),
+    ]
+    with Journal.open(tmp_path) as journal:
+        for e in recorded:
+            journal.record(e)
+        written = journal.entries()
+    assert [e.updated_at > 0 for e in written] == [True] * 4
+    assert written[3].updated_at == 7.5  # a time given by the caller is kept
+
+    with Journal.open(tmp_path) as journal:
+        assert journal.problems == ()
+        assert journal.entries() == written
+        assert [e.name for e in journal.entries("linux")] == ["linux-0a", "linux-0c", "linux-0d"]
+        assert journal.entries("mac") == [written[1]]
+        assert journal.entries("windows") == []
+        assert journal.get("linux-0c") == written[2]
+        assert journal.get("nope") is None
+        assert journal.path == tmp_path / JOURNAL_FILE
+    # The file holds only the documented fields: names, ids, phases, never a JIT config.
+    for line in lines_of(tmp_path):
+        assert set(json.loads(line)) == ENVELOPE | ENTRY_KEYS
+
+
+def test_record_replaces_in_place_and_forget_is_idempotent(tmp_path: Path) -> None:
+    with Journal.open(tmp_path, durable=False) as journal:
+        for e in THREE:
+            journal.record(e)
+        journal.record(entry("linux-00000001", runner_id=1, phase=JournalPhase.STOPPING))
+        journal.forget("linux-00000002")
+        size = journal.path.stat().st_size
+        journal.forget("linux-00000002")
+        journal.forget("never-recorded")
+        assert journal.path.stat().st_size == size  # nothing to forget, nothing written
+        journal.record(entry("linux-00000002", runner_id=22))  # comes back at the end
+
+    with Journal.open(tmp_path, durable=False) as journal:
+        names = [(e.name, e.runner_id, e.phase) for e in journal.entries()]
+    assert names == [
+        ("linux-00000001", 1, JournalPhase.STOPPING),
+        ("linux-00000003", 3, JournalPhase.REGISTERING),
+        ("linux-00000002", 22, JournalPhase.REGISTERING),
+    ]
+
+
+def test_entries_are_checked_when_built() -> None:
+    assert entry("a", phase="idle").phase is JournalPhase.IDLE
+    assert str(JournalPhase.DEREGISTERING) == "deregistering"
+    with pytest.raises(ValueError, match="name must not be empty"):
+        entry("")
+    with pytest.raises(ValueError, match="runner_id must be >= 0"):
+        entry("a", runner_id=-1)
+    with pytest.raises(TypeError, match="runner_id must be an integer"):
+        entry("a", runner_id=True)
+    with pytest.raises(ValueError, match="draining"):
+        entry("a", phase="draining")
+
+
+def test_close_is_idempotent_and_a_closed_journal_refuses_writes(tmp_path: Path) -> None:
+    with Journal.open(tmp_path, durable=False) as journal:
+        journal.record(THREE[0])
+    journal.close()
+    assert journal.entries() == [THREE[0]]  # reading what was loaded stays possible
+    with pytest.raises(ValueError, match="is closed"):
+        journal.record(THREE[1])
+    with pytest.raises(ValueError, match="is closed"):
+        journal.forget(THREE[0].name)
+    Journal.open(tmp_path).close()  # the context manager released the lock
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged files: loaded as far as possible, every problem reported, never raised
+
+
+def test_a_record_cut_mid_line_is_reported_as_torn_and_appends_continue_cleanly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = write_journal(tmp_path, THREE)
+    cut = data.rindex(b'"phase"')  # inside the third line
+    (tmp_path / JOURNAL_FILE).write_bytes(data[:cut])
+    caplog.set_level(logging.WARNING, logger="outrunner.journal")
+
+    with Journal.open(tmp_path, durable=False) as journal:
+        assert [e.name for e in journal.entries()] == ["linux-00000001", "linux-00000002"]
+        assert len(journal.problems) == 1
+        assert journal.problems[0].startswith(f"{tmp_path / JOURNAL_FILE}:3: torn last record")
+        journal.record(THREE[2])
+    (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning.attrs["line"] == 3  # type: ignore[attr-defined]
+
+    # The torn tail was cut on open: the new record is a line of its own.
+    with Journal.open(tmp_path, durable=False) as journal:
+        assert journal.problems == ()
+        assert journal.entries() == THREE
+
+
+def test_a_last_line_without_its_newline_is_torn_even_if_it_parses(tmp_path: Path) -> None:
+    data = write_journal(tmp_path, THREE)
+    (tmp_path / JOURNAL_FILE).write_bytes(data[:-1])
+    with Journal.open(tmp_path, durable=False) as journal:
+        assert journal.entries() == THREE[:2]
+        (problem,) = journal.problems
+    assert problem.startswith(f"{tmp_path / JOURNAL_FILE}:3: torn last record ignored")
+    assert "without a newline" in problem
+
+
+def test_a_corrupt_middle_line_is_skipped_and_reported(tmp_path: Path) -> None:
+    lines = write_journal(tmp_path, THREE).splitlines(keepends=True)
+    lines[1] = lines[1][:20] + b"\x00\xff garbage" + lines[1][20:]
+    (tmp_path / JOURNAL_FILE).write_bytes(b"".join(lines))
+    with Journal.open(tmp_path, durable=False) as journal:
+        assert journal.entries() == [THREE[0], THREE[2]]
+        (problem,) = journal.problems
+    assert problem.startswith(f"{tmp_path / JOURNAL_FILE}:2: not a JSON record")
+    assert "torn" not in problem
+
+
+def test_unknown_versions_ops_and_fields_are_reported_not_fatal(tmp_path: Path) -> None:
+    good = json.loads(write_journal(tmp_path, THREE[:1]))
+    records = [
+        good,
+        {**good, "name": "newer-fields", "host": "h1", "slot": 3},  # applied, extras ignored
+        {**good, "v": 2, "name": "v2"},
+        {"v": 1, "op": "rename", "name": "x"},
+        {**good, "name": "bad-id", "runner_id": "12"},
+        {**good, "name": "bad-phase", "phase": "draining"},
+        {"v": 1, "op": "forget"},
+        [1, 2],
+        {"v": 1, "op": "put", "name": "no-scale-set"},
+    ]
+    text = "".join(json.dumps(r) + "\n" for r in records) + "\n"  # and an empty last line
+    (tmp_path / JOURNAL_FILE).write_text(text)
+    with Journal.open(tmp_path, durable=False) as journal:
+        assert [e.name for e in journal.entries()] == [THREE[0].name, "newer-fields"]
+        problems = journal.problems
+    where = f"{tmp_path / JOURNAL_FILE}:"
+    expected = [
+        (2, "ignored unknown fields 'host', 'slot'"),
+        (3, "unsupported version 2"),
+        (4, "unknown op 'rename'"),
+        (5, "invalid put record (runner_id must be an integer"),
+        (6, "invalid put record ('draining' is not a valid JournalPhase)"),
+        (7, "invalid forget record"),
+        (8, "not a JSON object but list"),
+        (9, "invalid put record ("),
+        (10, "torn last record ignored (not a JSON record"),
+    ]
+    assert len(problems) == len(expected)
+    for problem, (line, what) in zip(problems, expected, strict=True):
+        assert problem.startswith(f"{where}{line}: {what}"), problem
+
+
+def test_garbage_binary_and_empty_files_load_without_raising(tmp_path: Path) -> None:
+    journal_file = tmp_path / JOURNAL_FILE
+    journal_file.write_bytes(b"")
+    with Journal.open(tmp_path, durable=False) as journal:
+        assert (journal.entries(), journal.problems) == ([], ())
+
+    journal_file.write_bytes(random.Random(1).randbytes(100_000))
+    with Journal.open(tmp_path, durable=False) as journal:
+        assert journal.entries() == []
+        assert 0 < len(journal.problems) <= 101  # capped, with a count of the rest
+    assert journal_file.read_bytes() == b""  # compacted to what is live: nothing
+
+    # What a machine crash can leave on ext4: valid records, then a run of zero bytes.
+    journal_file.write_bytes(write_journal(tmp_path, THREE) + b"\x00" * 4096)
+    with Journal.open(tmp_path, durable=False) as journal:
+        assert journal.entries() == THREE
+        (problem,) = journal.problems
+    assert problem.startswith(f"{journal_file}:4: torn last record")
+
+
+def test_seeded_fuzz_of_truncations_and_bit_flips_never_raises(tmp_path: Path) -> None:
+    rng = random.Random(20260330)
+    with Journal.open(tmp_path, durable=False) as journal:
+        for i in range(40):
+            journal.record(entry(f"linux-{i % 9:08x}", runner_id=i, backend="docker"))
+            if i % 4 == 3:
+                journal.forget(f"linux-{(i * 5) % 9:08x}")
+    valid = (tmp_path / JOURNAL_FILE).read_bytes()
+    damaged = 0
+    for _ in range(300):
+        data = bytearray(valid)
+        kind = rng.choice(["truncate", "flip", "both", "splice"])
+        if kind in ("flip", "both"):
+            for _ in range(rng.randint(1, 8)):
+                data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+        if kind in ("truncate", "both"):
+            del data[rng.randrange(len(data)) :]
+        if kind == "splice":
+            at = rng.randrange(len(data))
+            data[at:at] = rng.randbytes(rng.randint(1, 40))
+        (tmp_path / JOURNAL_FILE).write_bytes(bytes(data))
+        with Journal.open(tmp_path, durable=False) as journal:
+            assert all(isinstance(e, JournalEntry) and e.name for e in journal.entries())
+            assert all(p.startswith(str(journal.path)) for p in journal.problems)
+            damaged += bool(journal.problems)
+    assert damaged > 150  # the mutations did damage the file, most of the time
+
+
+def test_a_journal_path_that_is_not_a_file_is_unusable(tmp_path: Path) -> None:
+    (tmp_path / JOURNAL_FILE).mkdir()
+    with pytest.raises(JournalError, match=f"{tmp_path / JOURNAL_FILE} is not a regular file"):
+        Journal.open(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compaction and failed writes
+
+
+def test_compaction_keeps_only_live_entries_and_happens_at_the_threshold(tmp_path: Path) -> None:
+    with Journal.open(tmp_path, durable=False) as journal:
+        for i in range(64):  # max(64, 4 x 1 live) records: not yet
+            journal.record(entry("linux-a", runner_id=i + 1))
+        assert len(lines_of(tmp_path)) == 64
+        journal.record(entry("linux-a", runner_id=100))
+        assert lines_of(tmp_path) == [(tmp_path / JOURNAL_FILE).read_bytes()]
+        assert json.loads(lines_of(tmp_path)[0])["runner_id"] == 100
+
+        for i in range(30):  # with 30 live entries the threshold is 120 records
+            journal.record(entry(f"many-{i}"))
+        journal.forget("linux-a")
+        for i in range(120 - 32):
+            journal.record(entry(f"many-{i % 30}", runner_id=i + 1))
+        assert len(lines_of(tmp_path)) == 120
+        journal.record(entry("many-0", runner_id=999))
+        assert len(lines_of(tmp_path)) == 30
+        live = journal.entries()
+
+    # The rewritten file is the live state, and it is still appended to afterwards.
+    with Journal.open(tmp_path, durable=False) as journal:
+        assert journal.entries() == live
+        assert journal.get("linux-a") is None
+
+
+def test_open_compacts_replaced_and_forgotten_records(tmp_path: Path) -> None:
+    with Journal.open(tmp_path, durable=False) as journal:
+        for e in THREE:
+            journal.record(e)
+            journal.record(e)
+        journal.forget(THREE[1].name)
+    assert len(lines_of(tmp_path)) == 7
+    Journal.open(tmp_path, durable=False).close()
+    assert [json.loads(line)["name"] for line in lines_of(tmp_path)] == [
+        THREE[0].name,
+        THREE[2].name,
+    ]
+
+
+def test_failed_writes_are_logged_and_repaired_by_a_later_rewrite(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    temp = tmp_path / (JOURNAL_FILE + ".tmp")
+    with Journal.open(tmp_path, durable=True) as journal:
+        journal.record(THREE[0])
+        before = journal.path.read_bytes()
+        # Appends now fail with ENOSPC, and so does the rewrite (its temp path is taken).
+        full = os.open("/dev/full", os.O_WRONLY)
+        os.dup2(full, journal._fd)
+        os.close(full)
+        temp.mkdir()
+        journal.record(THREE[1])  # logged, not raised
+        journal.record(THREE[2])
+        assert journal.entries() == THREE  # kept in memory
+        assert journal.path.read_bytes() == before  # the file is still the last good one
+        temp.rmdir()
+    # close() rewrote the file from memory.
+    assert "Cannot append to the runner journal" in caplog.text
+    assert "Cannot rewrite the runner journal" in caplog.text
+    with Journal.open(tmp_path, durable=False) as journal:
+        assert (journal.entries(), journal.problems) == (THREE, ())
+
+    with Journal.open(tmp_path, durable=False) as journal:
+        full = os.open("/dev/full", os.O_WRONLY)
+        os.dup2(full, journal._fd)
+        os.close(full)
+        journal.forget(THREE[0].name)  # the append fails; the rewrite right after succeeds
+        assert [json.loads(line)["name"] for line in lines_of(tmp_path)] == [
+            THREE[1].name,
+            THREE[2].name,
+        ]
+
+
+CRASH_BEFORE_RENAME = """
+import os, sys
+from outrunner.journal import Journal, JournalEntry
+journal = Journal.open(sys.argv[1], durable=True)
+for i in range(64):
+    journal.record(JournalEntry(scale_set="linux", name=f"linux-{i % 4}", runner_id=i + 1))
+os.replace = lambda *args: os._exit(9)  # die after the temp file is written, before the rename
+journal.record(JournalEntry(scale_set="linux", name="linux-9", runner_id=99))  # compacts
+"""
+
+
+def test_a_crash_between_temp_write_and_rename_leaves_a_readable_journal(tmp_path: Path) -> None:
+    child = subprocess.run(
+        [sys.executable, "-c", CRASH_BEFORE_RENAME, str(tmp_path)], cwd=REPO, check=False
+    )
+    assert child.returncode == 9
+    temp = tmp_path / (JOURNAL_FILE + ".tmp")
+    assert temp.exists()
+    assert len(lines_of(tmp_path)) == 65
+    with Journal.open(tmp_path, durable=False) as journal:
+        assert journal.problems == ()
+        assert [(e.name, e.runner_id) for e in journal.entries()] == [
+            ("linux-0", 61),
+            ("linux-1", 62),
+            ("linux-2", 63),
+            ("linux-3", 64),
+            ("linux-9", 99),
+        ]
+    assert not temp.exists()
+    assert len(lines_of(tmp_path)) == 5
+
+
+def scripted_ops(seed: int = 7) -> Iterator[tuple[str, JournalEntry]]:
+    """An endless deterministic mix of records and forgets over a few names (so compactions are
+    frequent); the n-th op's entry carries ``updated_at=n + 1`` to make every state distinct."""
+    rng = random.Random(seed)
+    phases = list(JournalPhase)
+    for n in range(10**9):
+        name = f"linux-{rng.randrange(8):08x}"
+        op = "forget" if rng.random() < 0.3 else "record"
+        yield (
+            op,
+            JournalEntry(
+                scale_set="linux",
+                name=name,
+                runner_id=n,
+                backend="docker",
+                phase=rng.choice(phases),
+                updated_at=n + 1,
+            ),
+        )
+
+
+RECORD_FOREVER = """
+import sys
+from outrunner.journal import Journal
+from tests.test_journal import scripted_ops
+journal = Journal.open(sys.argv[1], durable=False)
+for n, (op, e) in enumerate(scripted_ops()):
+    journal.record(e) if op == "record" else journal.forget(e.name)
+    if n == 2000:
+        print("recording", flush=True)
+"""
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.01, 0.03])
+def test_sigkill_in_a_loop_of_records_leaves_a_journal_that_loads(
+    tmp_path: Path, delay: float
+) -> None:
+    with subprocess.Popen(
+        [sys.executable, "-c", RECORD_FOREVER, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE
+    ) as child:
+        try:
+            assert child.stdout is not None
+            assert child.stdout.readline() == b"recording\n"
+            time.sleep(delay)
+        finally:
+            child.kill()
+    assert child.returncode == -signal.SIGKILL
+
+    with Journal.open(tmp_path, durable=False) as journal:
+        loaded = journal.entries()
+        assert all("torn last record" in p for p in journal.problems), journal.problems
+    # Every record is whole: what loads is exactly the state after some prefix of the script.
+    state: dict[str, JournalEntry] = {}
+    for n, (op, e) in enumerate(scripted_ops()):
+        if n > 2000 and list(state.values()) == loaded:
+            break
+        if op == "record":
+            state[e.name] = e
+        else:
+            state.pop(e.name, None)
+        assert n < 5_000_000, "the loaded journal matches no prefix of what was recorded"
+
+
+# ---------------------------------------------------------------------------------------------
+# The lock
+
+
+LOCK_AND_WAIT = """
+import sys
+from outrunner.journal import Journal
+journal = Journal.open(sys.argv[1])
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_the_state_dir_is_locked_until_its_holder_dies(tmp_path: Path) -> None:
+    with subprocess.Popen(
+        [sys.executable, "-c", LOCK_AND_WAIT, str(tmp_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    ) as holder:
+        try:
+            assert holder.stdout is not None
+            assert holder.stdout.readline() == b"locked\n"
+            message = (
+                f"state dir {tmp_path} is in use by another outrunner process (pid {holder.pid})"
+            )
+            with pytest.raises(JournalError) as raised:
+                Journal.open(tmp_path)
+            assert str(raised.value) == message
+        finally:
+            holder.kill()  # SIGKILL: no cleanup runs, the kernel drops the flock
+    assert holder.returncode == -signal.SIGKILL
+    with Journal.open(tmp_path) as journal:
+        assert (tmp_path / LOCK_FILE).read_text() == f"{os.getpid()}\n"
+        assert journal.problems == ()
+    assert (tmp_path / LOCK_FILE).read_text() == ""  # close leaves no stale pid behind
+
+
+def test_a_second_open_in_the_same_process_is_refused(tmp_path: Path) -> None:
+    with Journal.open(tmp_path), pytest.raises(JournalError, match=f"pid {os.getpid()}"):
+        Journal.open(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Modes
+
+
+def test_state_dir_is_created_0700_and_files_0600(tmp_path: Path) -> None:
+    state = tmp_path / "a" / "state"
+    old_umask = os.umask(0)  # the modes must not depend on the umask
+    try:
+        with Journal.open(state) as journal:
+            journal.record(THREE[0])
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    assert stat.S_IMODE((state / JOURNAL_FILE).stat().st_mode) == 0o600
+    assert stat.S_IMODE((state / LOCK_FILE).stat().st_mode) == 0o600
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the state dir is
+
+
+BOTH = {"OUTRUNNER_STATE_DIR": "/env", "STATE_DIRECTORY": "/sd"}
+
+
+@pytest.mark.parametrize(
+    ("flag", "config", "environ", "path", "source"),
+    [
+        ("/flag", "/config", BOTH, "/flag", "--state-dir"),
+        (None, "/config", BOTH, "/config", "config state_dir"),
+        ("", "", BOTH, "/env", "OUTRUNNER_STATE_DIR"),
+        (None, "", {**BOTH, "OUTRUNNER_STATE_DIR": ""}, "/sd", "STATE_DIRECTORY"),
+        (None, "", {"STATE_DIRECTORY": "/sd/one:/sd/two"}, "/sd/one", "STATE_DIRECTORY"),
+    ],
+)
+def test_state_dir_precedence(
+    flag: str | None, config: str, environ: dict[str, str], path: str, source: str
+) -> None:
+    unused = Path("/nonexistent/outrunner-default")
+    resolved = resolve_state_dir(flag, config, environ, default=unused)
+    assert resolved == StateDir(Path(path), source)
+    assert not unused.exists()  # an explicit dir is never probed
+
+
+def test_default_state_dir_is_used_and_created_when_writable(tmp_path: Path) -> None:
+    default = tmp_path / "var" / "lib" / "outrunner"
+    assert resolve_state_dir(None, "", {}, default=default) == StateDir(default, "default")
+    assert stat.S_IMODE(default.stat().st_mode) == 0o700
+    relative = resolve_state_dir("state", "", {}, default=default)
+    assert relative.path == Path.cwd() / "state"
+
+
+@pytest.mark.parametrize("below_a_file", [False, True])
+def test_an_unusable_default_falls_back_to_the_user_state_dir(
+    tmp_path: Path, below_a_file: bool
+) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")  # mkdir fails even for root
+    default = blocker / "outrunner" if below_a_file else blocker
+    xdg = tmp_path / "xdg"
+    resolved = resolve_state_dir(None, "", {"XDG_STATE_HOME": str(xdg)}, default=default)
+    assert (resolved.path, resolved.source) == (xdg / "outrunner", "user fallback")
+    assert resolved.warning is not None
+    assert str(default) in resolved.warning
+    assert str(xdg / "outrunner") in resolved.warning
+
+    home = resolve_state_dir(
+        None, "", {"HOME": "/home/ci", "XDG_STATE_HOME": "rel"}, default=blocker
+    )
+    assert home.path == Path("/home/ci/.local/state/outrunner")
+    with Journal.open(resolved) as journal:  # the fallback is created on open
+        assert journal.path == xdg / "outrunner" / JOURNAL_FILE
+
+
+@pytest.mark.parametrize(
+    ("flag", "config", "variable", "source"),
+    [
+        (True, False, None, "--state-dir"),
+        (False, True, None, "config state_dir"),
+        (False, False, "OUTRUNNER_STATE_DIR", "OUTRUNNER_STATE_DIR"),
+        (False, False, "STATE_DIRECTORY", "STATE_DIRECTORY"),
+    ],
+)
+def test_an_unusable_explicit_state_dir_is_an_error_naming_its_setting(
+    tmp_path: Path, flag: bool, config: bool, variable: str | None, source: str
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    bad = str(blocker / "state")
+    environ = {variable: bad} if variable else {}
+    resolved = resolve_state_dir(bad if flag else None, bad if config else "", environ)
+    assert (resolved.path, resolved.source, resolved.warning) == (Path(bad), source, None)
+    with pytest.raises(JournalError) as raised:
+        Journal.open(resolved)
+    assert str(raised.value).startswith(f"state dir {bad} (from {source}) cannot be used: ")
