@@ -13,11 +13,20 @@ Contract every backend keeps (``outrunner.testing`` ships a suite that checks it
 - ``cleanup(prefix)`` (optional, see :class:`OrphanCleaner`) removes environments left by an
   earlier run that are runners of ``prefix`` (see :func:`is_runner_name`), and only those the
   backend itself created.
+- ``exited(name)`` (optional, :class:`EnvironmentMonitor`) is a cheap status query;
+  ``wait_exited(name)`` (optional, :class:`ExitWatcher`) returns as soon as the backend can tell
+  that the environment ended.
+- ``adopt(name, runner)`` (optional, :class:`Adopter`) takes over a live environment that an
+  earlier outrunner process started, so a restart does not destroy a runner that is running a
+  job; an adopting backend's ``cleanup`` accepts ``keep`` (names it must leave alone).
+- The environment outlives the outrunner process: a crash, ``kill -9`` or a restart of outrunner
+  must not end a running runner (no process group, pipe or lease that dies with outrunner).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -25,7 +34,9 @@ if TYPE_CHECKING:
     from outrunner.config import RunnerConfig
 
 __all__ = [
+    "Adopter",
     "EnvironmentMonitor",
+    "ExitWatcher",
     "OrphanCleaner",
     "Provisioner",
     "ProvisionerError",
@@ -101,4 +112,46 @@ class EnvironmentMonitor(Protocol):
 
     async def exited(self, name: str) -> bool:
         """True when the environment ``name`` is gone or its runner process has ended."""
+        ...
+
+
+@runtime_checkable
+class ExitWatcher(Protocol):
+    """Optional provisioner capability: wait until a started environment ends.
+
+    Where the backend can be told (Docker's event stream, libvirt's domain lifecycle events, the
+    ``tart run`` process ending), this returns within a second or two of the runner exiting, so
+    a finished runner's slot is freed at once instead of at the next :class:`EnvironmentMonitor`
+    poll. The Scaler keeps polling ``exited`` as a safety net either way.
+    """
+
+    async def wait_exited(self, name: str) -> None:
+        """Return once environment ``name`` is gone or its runner process has ended.
+
+        Returns at once for an unknown or already ended environment. Cancellation is the normal
+        way to stop waiting and must leave nothing behind. Raises :class:`ProvisionerError`
+        when the backend cannot watch (the caller then relies on polling).
+        """
+        ...
+
+
+@runtime_checkable
+class Adopter(Protocol):
+    """Optional provisioner capability: take over environments an earlier process started.
+
+    After a crash or a restart, the journal names the runners that were alive; for each, the
+    Scaler asks :meth:`adopt`. An adopted environment is then stopped, polled and watched by this
+    provisioner exactly as if it had started it.
+    """
+
+    async def adopt(self, name: str, runner: RunnerConfig) -> bool:
+        """True when environment ``name`` of runner entry ``runner`` is alive with its runner
+        running (Docker: the container runs; libvirt: the domain runs and its guest agent
+        answers; Tart: the VM runs) and is now handled by this provisioner. False when it is
+        gone, ended or unusable; the caller then calls :meth:`Provisioner.stop` on it and
+        deregisters the runner. Raises :class:`ProvisionerError` when the backend cannot tell."""
+        ...
+
+    async def cleanup(self, prefix: str, *, keep: Collection[str] = ()) -> list[str]:
+        """:meth:`OrphanCleaner.cleanup`, leaving the environments named in ``keep`` alone."""
         ...

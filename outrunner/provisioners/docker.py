@@ -11,6 +11,13 @@ provisioner, one short call at a time. Waiting (for a container to exit, for a r
 in progress) is an ``asyncio.sleep`` loop on the event loop between such calls; no worker thread
 ever sleeps, and a pull's progress stream is read one line per call.
 
+Exits: :meth:`DockerProvisioner.wait_exited` listens to the engine's event stream (``die`` and
+``destroy`` of containers labelled ``outrunner=true``), one stream per engine shared by every
+waiter and read by a thread of its own (see :class:`_ExitEvents` for why). After a crash or a
+restart, :meth:`DockerProvisioner.adopt` takes over a container an earlier process started: nothing
+ties a container to the process that created it (it is created detached, nothing is attached to
+its streams, and ``auto_remove`` is the engine's doing, not the client's).
+
 Engine endpoint, first match wins (:func:`resolve_engine`): the runner's ``docker.host``, the
 provisioner's ``host`` argument, ``DOCKER_HOST``, the active docker context (``DOCKER_CONTEXT``
 or ``currentContext`` in ``$DOCKER_CONFIG/config.json``) when its socket exists, the SDK's
@@ -24,8 +31,9 @@ import contextlib
 import hashlib
 import json
 import os
+import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from functools import partial
@@ -35,9 +43,10 @@ from typing import Any, Final
 import docker
 import docker.errors
 import docker.types
+from docker.types.daemon import CancellableStream
 from docker.utils import kwargs_from_env
 
-from outrunner._aio import ClosingContext, backoff
+from outrunner._aio import ClosingContext, backoff, cancel_and_wait
 from outrunner.config import DockerImage, RunnerConfig
 from outrunner.log import BoundLogger, get_logger
 from outrunner.provisioner import ProvisionerError, RunnerRequest, is_runner_name
@@ -74,6 +83,17 @@ _GONE_TIMEOUT: Final = 30.0
 """Seconds a removal may stay "in progress" before stop gives up."""
 _POLL_FIRST: Final = 0.02
 _POLL_MAX: Final = 0.25
+_EXIT_EVENTS: Final = {
+    "type": "container",
+    "event": ["die", "destroy"],
+    "label": f"{LABEL_MANAGED}=true",
+}
+"""The events that can end a runner's container: its main process exited or was killed
+(``die``), or the container was removed (``destroy``; also ``auto_remove``)."""
+_RECONNECT_FIRST: Final = 0.2
+_RECONNECT_MAX: Final = 5.0
+_EVENTS_STOP_TIMEOUT: Final = 1.0
+"""Seconds :meth:`DockerProvisioner.close` waits for an event stream's thread to end."""
 
 
 class DockerProvisionerError(ProvisionerError):
@@ -193,6 +213,8 @@ class DockerProvisioner(ClosingContext):
         self._pull_locks: dict[tuple[str | None, str], asyncio.Lock] = {}
         # The engine option of each runner this instance started, so stop() finds its engine.
         self._runner_hosts: dict[str, str] = {}
+        # One exit-event stream per engine client, made by the first wait_exited on that engine.
+        self._exit_events: dict[docker.APIClient, _ExitEvents] = {}
         self._closed = False
 
     @classmethod
@@ -251,14 +273,19 @@ class DockerProvisioner(ClosingContext):
         self._log.debug("Container removed", name=name)
 
     async def close(self) -> None:
-        """Close the engine clients and the executor; safe to call more than once.
+        """Stop the event streams, close the engine clients and the executor; safe to call more
+        than once. A :meth:`wait_exited` still waiting raises :class:`DockerProvisionerError`.
 
-        Containers are left alone: stopping runners is the Scaler's job, and the next start's
-        :meth:`cleanup` removes what a crash left.
+        Containers are left alone: stopping runners is the Scaler's job, and a restarted
+        outrunner adopts (:meth:`adopt`) or cleans up (:meth:`cleanup`) what is left.
         """
         if self._closed:
             return
         self._closed = True
+        watchers = list(self._exit_events.values())
+        self._exit_events.clear()
+        for watcher in watchers:
+            await watcher.close(self._call)
         clients = list(self._clients.values())
         self._clients.clear()
         for client in clients:
@@ -267,21 +294,23 @@ class DockerProvisioner(ClosingContext):
 
     # -- OrphanCleaner ---------------------------------------------------------------------------
 
-    async def cleanup(self, prefix: str) -> list[str]:
+    async def cleanup(self, prefix: str, *, keep: Collection[str] = ()) -> list[str]:
         """Remove the containers labelled ``outrunner=true`` whose name is a runner name of
-        ``prefix`` (see :func:`~outrunner.provisioner.is_runner_name`); return their names.
+        ``prefix`` (see :func:`~outrunner.provisioner.is_runner_name`), except those named in
+        ``keep`` (runners that were adopted); return the names removed.
 
         Looks at the default engine and every engine this instance has talked to. Containers
         that could not be removed are logged and left out of the result.
         """
         self._check_open()
         await self._client("")
+        kept = frozenset(keep)
         removed: set[str] = set()
         for client in list(self._clients.values()):
             found = await self._call(
                 client.containers, all=True, filters={"label": f"{LABEL_MANAGED}=true"}
             )
-            names = [n for n in _names_of(found) if is_runner_name(n, prefix)]
+            names = [n for n in _names_of(found) if is_runner_name(n, prefix) and n not in kept]
             results = await asyncio.gather(
                 *(self._remove(client, name) for name in names), return_exceptions=True
             )
@@ -302,8 +331,66 @@ class DockerProvisioner(ClosingContext):
         one inspect), e.g. because the runner process died."""
         self._check_open()
         client = await self._client(self._runner_hosts.get(name, ""))
+        return await self._ended(client, name)
+
+    # -- ExitWatcher -----------------------------------------------------------------------------
+
+    async def wait_exited(self, name: str) -> None:
+        """Return once the runner's container is gone or no longer running: its main process
+        exited or was killed, or the container was removed (by :meth:`stop`, by hand, or by the
+        engine's ``auto_remove``). Returns at once for an unknown or already ended container.
+
+        Listens to the engine's event stream instead of polling, so it returns within a few
+        milliseconds of the exit. While the engine cannot be reached (it restarts), it keeps
+        waiting and looks again once the stream is back. Cancel it to stop waiting. Raises
+        :class:`DockerProvisionerError` when the provisioner is closed (also while waiting) or
+        no client for the runner's engine can be made.
+        """
+        self._check_open()
+        client = await self._client(self._runner_hosts.get(name, ""))
+        self._check_open()  # closed while connecting: no new stream may start
+        watcher = self._exit_events.get(client)
+        if watcher is None:
+            watcher = _ExitEvents(client, partial(self._inspect, client), self._log)
+            self._exit_events[client] = watcher
+        await watcher.wait(name)
+
+    # -- Adopter -----------------------------------------------------------------------------
+
+    async def adopt(self, name: str, runner: RunnerConfig) -> bool:
+        """Take over container ``name`` of runner entry ``runner``, started by an earlier
+        outrunner process. True when it exists on the runner's engine, is outrunner's (labelled
+        ``outrunner=true``, ``outrunner.name=<name>`` and ``outrunner.scaleset=<runner.name>``)
+        and its main process runs; from then on :meth:`stop`, :meth:`exited` and
+        :meth:`wait_exited` find it as if this instance had started it.
+
+        False when there is no such container or its runner has ended; the caller then calls
+        :meth:`stop`, which removes an ended leftover. False, logged and left alone, for a
+        container of that name that outrunner did not create for this scale set. Raises
+        :class:`DockerProvisionerError` when the engine cannot be asked.
+        """
+        self._check_open()
+        option = runner.docker.host if runner.docker is not None else ""
+        client = await self._client(option)
         info = await self._inspect(client, name)
-        return info is None or not info.get("State", {}).get("Running", False)
+        if info is None:
+            return False
+        if not _is_ours(info, name) or _labels(info).get(LABEL_SCALE_SET) != runner.name:
+            self._log.warning(
+                "Not adopting a container outrunner did not create for this scale set",
+                name=name,
+                scale_set=runner.name,
+            )
+            return False
+        self._runner_hosts[name] = option  # so that stop() removes it also when it has ended
+        if not _is_running(info):
+            status = (info.get("State") or {}).get("Status")
+            self._log.info(
+                "Not adopting a container whose runner has ended", name=name, status=status
+            )
+            return False
+        self._log.info("Adopted container", name=name, id=str(info["Id"])[:12])
+        return True
 
     # -- engine clients ------------------------------------------------------------------------
 
@@ -426,6 +513,10 @@ class DockerProvisioner(ClosingContext):
         except Exception as exc:
             self._log.error("Failed to remove a container whose start failed", error=exc)
 
+    async def _ended(self, client: docker.APIClient, name: str) -> bool:
+        info = await self._inspect(client, name)
+        return info is None or not _is_running(info)
+
     async def _inspect(self, client: docker.APIClient, ref: str) -> dict[str, Any] | None:
         try:
             info: dict[str, Any] = await self._call(client.inspect_container, ref)
@@ -444,7 +535,7 @@ class DockerProvisioner(ClosingContext):
         config = info.get("Config") or {}
         timeout = config.get("StopTimeout")
         timeout = 10 if timeout is None else int(timeout)
-        if timeout <= 0 or not info.get("State", {}).get("Running", False):
+        if timeout <= 0 or not _is_running(info):
             return
         ref = str(info["Id"])
         try:
@@ -456,7 +547,7 @@ class DockerProvisioner(ClosingContext):
         deadline = time.monotonic() + timeout
         for delay in backoff(_POLL_FIRST, _POLL_MAX):
             state = await self._inspect(client, ref)
-            if state is None or not state.get("State", {}).get("Running", False):
+            if state is None or not _is_running(state):
                 return
             if time.monotonic() >= deadline:
                 return  # the forced removal kills it
@@ -542,9 +633,18 @@ def _container_spec(
     }
 
 
+def _labels(info: Mapping[str, Any]) -> Mapping[str, str]:
+    labels: Mapping[str, str] = (info.get("Config") or {}).get("Labels") or {}
+    return labels
+
+
 def _is_ours(info: Mapping[str, Any], name: str) -> bool:
-    labels = (info.get("Config") or {}).get("Labels") or {}
+    labels = _labels(info)
     return bool(labels.get(LABEL_MANAGED) == "true" and labels.get(LABEL_NAME, name) == name)
+
+
+def _is_running(info: Mapping[str, Any]) -> bool:
+    return bool((info.get("State") or {}).get("Running", False))
 
 
 def _names_of(containers: list[dict[str, Any]]) -> list[str]:
@@ -556,6 +656,203 @@ def _explain(exc: BaseException) -> str:
     if isinstance(exc, docker.errors.APIError) and exc.explanation:
         return str(exc.explanation)
     return str(exc) or type(exc).__name__
+
+
+class _ExitEvents:
+    """The ``die`` and ``destroy`` events of one engine's outrunner containers, shared by every
+    :meth:`DockerProvisioner.wait_exited` on that engine.
+
+    Why a thread of its own: the event stream is one HTTP response that stays open as long as
+    the provisioner and blocks in every read until the engine has something to say. Read through
+    the provisioner's pool (as :class:`_StreamReader` reads a pull) it would hold one of its
+    :data:`DEFAULT_WORKERS` threads for good. So each engine's stream gets one daemon thread that
+    only reads, hands each event's container name to the event loop
+    (``call_soon_threadsafe``) and, when the stream breaks, subscribes again with backoff (its
+    delays wait on an event that :meth:`close` sets). All bookkeeping happens on the event loop.
+
+    Race-free: a waiter inspects the container once after registering, so an exit before that is
+    seen there and a later one arrives as an event; every (re)subscription inspects all waited
+    names again, so an exit while the stream was down is seen then. The subscription also asks
+    for the events of the second before it (``since``), because the engine sends its response
+    headers before it subscribes.
+
+    An event for the container ID a waiter's inspect saw running releases that name's waiters at
+    once: ``die`` means that container's main process ended, ``destroy`` that it is gone. Any
+    other event for a waited name only means "look again" (an inspect), so replayed or stale
+    events cannot release a waiter early. The fast path matters when many runners end at once:
+    the confirming inspect would queue behind starts and removals in the provisioner's pool.
+    """
+
+    def __init__(
+        self,
+        client: docker.APIClient,
+        inspect: Callable[[str], Awaitable[dict[str, Any] | None]],
+        log: BoundLogger,
+    ) -> None:
+        self._client = client
+        self._inspect = inspect
+        self._log = log
+        self._loop = asyncio.get_running_loop()
+        self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+        self._running_ids: dict[str, str] = {}  # waited name -> ID an inspect saw running
+        self._checks: set[asyncio.Task[None]] = set()
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()  # hands the open stream between the thread and close()
+        self._stream: CancellableStream[dict[str, Any]] | None = None
+        self._thread = threading.Thread(
+            target=self._read, name="outrunner-docker-events", daemon=True
+        )
+        self._thread.start()
+
+    async def wait(self, name: str) -> None:
+        """Return once ``name`` is gone or not running; raises when closed meanwhile."""
+        future: asyncio.Future[None] = self._loop.create_future()
+        waiters = self._waiters.setdefault(name, set())
+        waiters.add(future)
+        try:
+            if not await self._looks_ended(name):
+                await future
+        finally:
+            if future.done() and not future.cancelled():
+                future.exception()  # retrieved: close() may have failed it as the inspect ended
+            waiters.discard(future)
+            if not waiters and self._waiters.get(name) is waiters:
+                del self._waiters[name]
+                self._running_ids.pop(name, None)
+
+    async def close(self, call: Callable[..., Awaitable[Any]]) -> None:
+        """Stop the thread (closing the stream unblocks its read), release the waiters with an
+        error and wait up to :data:`_EVENTS_STOP_TIMEOUT` for the thread to end, in ``call``'s
+        pool so the event loop does not block."""
+        self._stopping.set()
+        with self._lock:
+            stream = self._stream
+        if stream is not None:
+            _close_stream(stream)
+        for task in list(self._checks):
+            await cancel_and_wait(task)
+        for futures in self._waiters.values():
+            for future in futures:
+                if not future.done():
+                    future.set_exception(
+                        DockerProvisionerError("the Docker provisioner was closed")
+                    )
+        await call(self._thread.join, _EVENTS_STOP_TIMEOUT)
+        if self._thread.is_alive():  # an ssh:// stream cannot be cancelled, see _close_stream
+            self._log.warning("Docker event stream still open after close; it ends with the engine")
+
+    # -- on the event loop -----------------------------------------------------------------
+
+    def _check(self, name: str) -> None:
+        if self._stopping.is_set():
+            return
+        task = self._loop.create_task(self._release_if_ended(name))
+        self._checks.add(task)
+        task.add_done_callback(self._checks.discard)
+
+    def _on_event(self, name: str, container_id: str) -> None:
+        if name not in self._waiters:
+            return
+        if self._running_ids.get(name) == container_id:
+            self._release(name)
+        else:
+            self._check(name)
+
+    def _on_subscribed(self) -> None:
+        for name in list(self._waiters):
+            self._check(name)
+
+    async def _release_if_ended(self, name: str) -> None:
+        if await self._looks_ended(name):
+            self._release(name)
+
+    def _release(self, name: str) -> None:
+        for future in self._waiters.get(name, ()):
+            if not future.done():
+                future.set_result(None)
+
+    async def _looks_ended(self, name: str) -> bool:
+        try:
+            info = await self._inspect(name)
+        except ProvisionerError as exc:
+            # An engine hiccup is no exit: keep waiting; the next subscription looks again, and
+            # the Scaler polls exited() meanwhile.
+            self._log.debug("Cannot inspect an awaited container", name=name, error=str(exc))
+            return False
+        if info is None or not _is_running(info):
+            return True
+        if name in self._waiters:
+            self._running_ids[name] = str(info["Id"])
+        return False
+
+    # -- in the thread -----------------------------------------------------------------------
+
+    def _read(self) -> None:
+        delays = backoff(_RECONNECT_FIRST, _RECONNECT_MAX)
+        outage: str | None = None  # why the stream is down, logged once per outage
+        while not self._stopping.is_set():
+            try:
+                stream = self._client.events(
+                    since=int(time.time()) - 1, filters=_EXIT_EVENTS, decode=True
+                )
+            except Exception as exc:
+                if outage is None:
+                    outage = _explain(exc)
+                    self._log.warning("Docker event stream unavailable, retrying", error=outage)
+                self._stopping.wait(next(delays))
+                continue
+            with self._lock:
+                stopping = self._stopping.is_set()
+                if not stopping:
+                    self._stream = stream
+            if stopping:
+                _close_stream(stream)
+                return
+            if outage is not None:
+                self._log.info("Docker event stream subscribed again", after=outage)
+                outage = None
+            delays = backoff(_RECONNECT_FIRST, _RECONNECT_MAX)
+            if not self._post(self._on_subscribed):
+                return
+            outage = self._forward(stream)
+            with self._lock:
+                self._stream = None
+            _close_stream(stream)
+            if self._stopping.is_set():
+                return
+            self._log.warning("Docker event stream broken, subscribing again", error=outage)
+            self._stopping.wait(next(delays))
+
+    def _forward(self, stream: CancellableStream[dict[str, Any]]) -> str:
+        """Hand each event's container name to the loop until the stream ends; say why it did."""
+        try:
+            for event in stream:
+                actor = event.get("Actor") or {}
+                name = (actor.get("Attributes") or {}).get("name")
+                container_id = actor.get("ID") or event.get("id")
+                if not isinstance(name, str) or not isinstance(container_id, str):
+                    continue
+                if not self._post(self._on_event, name, container_id):
+                    return "the event loop is closed"
+        except Exception as exc:
+            return _explain(exc)
+        return "the engine ended it"
+
+    def _post(self, callback: Callable[..., None], *args: Any) -> bool:
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the event loop is closed: no one is left to wait
+            self._stopping.set()
+            return False
+        return True
+
+
+def _close_stream(stream: CancellableStream[Any]) -> None:
+    # Shuts the socket down, which unblocks a read in another thread. It raises for a stream
+    # that has ended already, and for ssh:// engines (a paramiko channel cannot be cancelled:
+    # the thread then ends with the stream's next event or the engine's end).
+    with contextlib.suppress(Exception):
+        stream.close()
 
 
 class _PullProgress:

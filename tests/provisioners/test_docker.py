@@ -8,6 +8,9 @@ import contextlib
 import json
 import logging
 import secrets
+import signal
+import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -580,3 +583,226 @@ async def test_stop_waits_out_a_removal_already_in_progress(
         await provisioner.stop(req.name)
     assert len(calls) == 3
     assert await inspect(engine, req.name) is None
+
+
+# -- exits and adoption ------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+EVENTS_THREAD = "outrunner-docker-events"
+
+
+def event_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == EVENTS_THREAD]
+
+
+async def still_waiting(task: asyncio.Task[None], seconds: float = 0.3) -> bool:
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    if done:
+        task.result()
+    return not done
+
+
+async def test_wait_exited_when_the_runner_exits_by_itself(
+    provisioner: DockerProvisioner, engine: docker.APIClient, scale_set: str, tmp_path: Path
+) -> None:
+    # A runner that finishes on its own a moment after it started, as after its job.
+    (tmp_path / "brief.sh").write_text("#!/bin/sh\nsleep 0.5\n")
+    (tmp_path / "brief.sh").chmod(0o755)
+    mounts = (DockerMount(str(tmp_path), "/t", read_only=True),)
+    kept = request(scale_set, runner_cmd="/t/brief.sh", mounts=mounts, auto_remove=False)
+    removed = request(scale_set, runner_cmd="/t/brief.sh", mounts=mounts)
+    await asyncio.gather(provisioner.start(kept), provisioner.start(removed))
+    # Two waiters on one name, one on another: one event stream serves them all.
+    waiters = [asyncio.create_task(provisioner.wait_exited(r.name)) for r in (kept, kept, removed)]
+    await asyncio.wait_for(asyncio.gather(*waiters), 10)
+    assert len(event_threads()) == 1
+    info = await inspect(engine, kept.name)
+    assert info is not None
+    assert info["State"]["Status"] == "exited"
+    assert await provisioner.exited(kept.name)
+    await provisioner.wait_exited(kept.name)  # ended already: returns at once
+    await provisioner.stop(kept.name)
+    await provisioner.stop(removed.name)
+    assert await inspect(engine, kept.name) is None
+
+
+async def test_event_stream_thread_ends_with_close(
+    engine: docker.APIClient, scale_set: str
+) -> None:
+    await asyncio.to_thread(engine.ping)  # the test's own helper thread is part of the baseline
+    baseline = threading.active_count()
+    provisioner = DockerProvisioner()
+    req = request(scale_set)
+    await provisioner.start(req)
+    waiting = asyncio.create_task(provisioner.wait_exited(req.name))
+    assert await still_waiting(waiting)
+    assert len(event_threads()) == 1
+    await provisioner.close()
+    # No thread left behind, and a waiter learns that nobody watches any more.
+    assert event_threads() == []
+    with pytest.raises(DockerProvisionerError, match="closed"):
+        await waiting
+    with pytest.raises(DockerProvisionerError, match="closed"):
+        await provisioner.wait_exited(req.name)
+    assert await inspect(engine, req.name) is not None  # close leaves containers alone
+    deadline = time.monotonic() + 5  # the pool's threads end once they see the shutdown
+    while threading.active_count() > baseline:
+        assert time.monotonic() < deadline, [t.name for t in threading.enumerate()]
+        await asyncio.sleep(0.02)
+
+
+class FlakyEvents:
+    """A client_factory whose clients' event stream the test can break, with the engine then
+    unreachable once (a refused subscription) and unreachable again until ``back`` is set."""
+
+    def __init__(self, mocker: MockerFixture) -> None:
+        self._mocker = mocker
+        self.streams: list[Any] = []
+        self.calls = 0
+        self.back = threading.Event()
+
+    def __call__(self, url: str | None) -> docker.APIClient:
+        client = default_client(url)
+        subscribe = client.events
+
+        def events(**kwargs: Any) -> Any:
+            self.calls += 1
+            if self.calls == 2:
+                raise requests.ConnectionError("engine restarting")
+            if self.calls > 2:
+                self.back.wait(10)  # blocks only the provisioner's event thread
+            stream = subscribe(**kwargs)
+            self.streams.append(stream)
+            return stream
+
+        self._mocker.patch.object(client, "events", side_effect=events)
+        return client
+
+
+async def test_wait_exited_survives_a_broken_event_stream(
+    mocker: MockerFixture,
+    engine: docker.APIClient,
+    scale_set: str,
+    runner_image: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="outrunner")
+    flaky = FlakyEvents(mocker)
+    req = request(scale_set, auto_remove=False)
+    try:
+        async with DockerProvisioner(client_factory=flaky) as provisioner:
+            await provisioner.start(req)
+            waiting = asyncio.create_task(provisioner.wait_exited(req.name))
+            await wait_until(lambda: asyncio.sleep(0, len(flaky.streams) == 1))
+            flaky.streams[0].close()  # as when the engine restarts
+            await wait_until(lambda: asyncio.sleep(0, flaky.calls == 3))
+            # The runner exits while nothing listens: no event will ever tell of it.
+            await asyncio.to_thread(engine.kill, req.name, "SIGTERM")
+            await wait_until(lambda: provisioner.exited(req.name))
+            assert await still_waiting(waiting), "released without the engine telling"
+            flaky.back.set()
+            await asyncio.wait_for(waiting, 10)  # the new subscription looks again
+            await provisioner.stop(req.name)
+    finally:
+        flaky.back.set()
+    # One warning for the outage, however many subscriptions failed during it.
+    assert [
+        (r.levelname, r.getMessage()) for r in caplog.records if "stream" in r.getMessage()
+    ] == [
+        ("WARNING", "Docker event stream broken, subscribing again"),
+        ("INFO", "Docker event stream subscribed again"),
+    ]
+    assert await inspect(engine, req.name) is None
+
+
+async def test_adopt_uses_the_runners_engine(
+    mocker: MockerFixture, engine: docker.APIClient, scale_set: str, runner_image: str
+) -> None:
+    socket = "unix:///var/run/docker.sock"
+    req = request(scale_set, host=socket)
+    async with DockerProvisioner() as first:
+        await first.start(req)
+    factory = mocker.Mock(side_effect=default_client)
+    async with DockerProvisioner(client_factory=factory) as second:
+        assert await second.adopt(req.name, req.runner)
+        assert not await second.exited(req.name)
+        await second.stop(req.name)
+    # Only the runner's engine was asked, never the default one.
+    assert [call.args for call in factory.call_args_list] == [(socket,)]
+    assert await inspect(engine, req.name) is None
+
+
+async def test_adopt_refuses_what_is_not_a_live_runner_of_the_scale_set(
+    provisioner: DockerProvisioner,
+    engine: docker.APIClient,
+    scale_set: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    ended = request(scale_set, runner_cmd="/bin/true", auto_remove=False)
+    other_set = request(scale_set)
+    await asyncio.gather(provisioner.start(ended), provisioner.start(other_set))
+    await wait_until(lambda: provisioner.exited(ended.name))
+    async with DockerProvisioner() as fresh:
+        # An ended runner: False, and stop then removes the leftover.
+        assert await fresh.adopt(ended.name, ended.runner) is False
+        await fresh.stop(ended.name)
+        assert await inspect(engine, ended.name) is None
+        # Outrunner's container, but labelled for another scale set: not touched.
+        assert await fresh.adopt(other_set.name, runner_config(f"{scale_set}x")) is False
+        assert "Not adopting a container outrunner did not create for this scale set" in [
+            r.getMessage() for r in caplog.records
+        ]
+        info = await inspect(engine, other_set.name)
+        assert info is not None
+        assert info["State"]["Running"]
+    await provisioner.stop(other_set.name)
+
+
+OUTRUNNER_THAT_CRASHES = """\
+import asyncio, sys
+from outrunner.provisioner import RunnerRequest
+from outrunner.provisioners.docker import DockerProvisioner
+from tests.provisioners.conftest import runner_config
+
+async def main(name, scale_set):
+    provisioner = DockerProvisioner()
+    runner = runner_config(scale_set, auto_remove=False)
+    await provisioner.start(RunnerRequest(name, "jit", runner))
+    watching = asyncio.ensure_future(provisioner.wait_exited(name))  # an open event stream too
+    print("started", flush=True)
+    await watching
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+async def test_container_outlives_a_killed_outrunner_and_is_adopted(
+    engine: docker.APIClient, scale_set: str, runner_image: str
+) -> None:
+    name = runner_name(scale_set)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        OUTRUNNER_THAT_CRASHES,
+        name,
+        scale_set,
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None
+        assert await asyncio.wait_for(process.stdout.readline(), 30) == b"started\n"
+    finally:
+        process.kill()  # SIGKILL: nothing of that outrunner runs any more
+        await process.wait()
+    assert process.returncode == -signal.SIGKILL
+
+    async with DockerProvisioner() as restarted:
+        assert await restarted.adopt(name, runner_config(scale_set)) is True
+        waiting = asyncio.create_task(restarted.wait_exited(name))
+        assert await still_waiting(waiting), "the runner did not survive its outrunner"
+        await asyncio.to_thread(engine.kill, name, "SIGTERM")  # the runner process ends
+        await asyncio.wait_for(waiting, 10)
+        assert await restarted.exited(name)
+        await restarted.stop(name)
+    assert await inspect(engine, name) is None

@@ -56,6 +56,11 @@ class TestDockerProvisionerContract(ProvisionerContract[DockerProvisioner]):
     async def remove_behind_back(self, provisioner: DockerProvisioner, name: str) -> None:
         await asyncio.to_thread(self.engine.remove_container, name, force=True)
 
+    async def make_runner_exit(self, provisioner: DockerProvisioner, name: str) -> bool:
+        # idle.sh, the container's main process, exits 0 on SIGTERM.
+        await asyncio.to_thread(self.engine.kill, name, "SIGTERM")
+        return True
+
     async def make_foreign_environment(self, provisioner: DockerProvisioner, name: str) -> bool:
         await asyncio.to_thread(self.engine.create_container, DEFAULT_TAG, ["./idle.sh"], name=name)
         return True

@@ -106,6 +106,18 @@ async def test_unreachable_engine_is_a_clear_error(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.anyio
+async def test_adopt_with_unreachable_engine_raises(tmp_path: Path) -> None:
+    # A restarted outrunner cannot tell whether its runners live: it must not say "gone".
+    absent = f"unix://{tmp_path}/no-engine.sock"
+    runner = RunnerConfig(
+        name="linux", labels=("linux",), docker=DockerImage(image="x", host=absent)
+    )
+    async with DockerProvisioner() as provisioner:
+        with pytest.raises(DockerProvisionerError, match="cannot reach the Docker engine"):
+            await provisioner.adopt("linux-0a1b2c3d", runner)
+
+
 def test_for_runner_takes_the_runners_engine() -> None:
     runner = RunnerConfig(
         name="linux", labels=("linux",), docker=DockerImage(image="x", host="tcp://h:2375")

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from outrunner._aio import cancel_and_wait
 from outrunner.config import DockerImage, RunnerConfig
 from outrunner.provisioner import RunnerRequest
 from outrunner.testing.contract import ProvisionerContract
-from outrunner.testing.memory import InMemoryProvisioner
+from outrunner.testing.memory import InMemoryProvisioner, MemoryEnvironment
 
 
 class TestInMemoryProvisionerContract(ProvisionerContract[InMemoryProvisioner]):
@@ -15,7 +14,13 @@ class TestInMemoryProvisionerContract(ProvisionerContract[InMemoryProvisioner]):
     start_error = RuntimeError
 
     async def make_provisioner(self) -> InMemoryProvisioner:
-        return InMemoryProvisioner(start_delay=0.03)
+        # Every provisioner of a test sees the same environments, as every process on a host
+        # sees the same containers: that is what adoption by a second instance needs.
+        if not hasattr(self, "environments"):
+            self.environments: dict[str, MemoryEnvironment] = {}
+        return InMemoryProvisioner(
+            start_delay=0.03, environments=self.environments, survive_close=True
+        )
 
     def make_request(self, name: str, scale_set: str) -> RunnerRequest:
         runner = RunnerConfig(name=scale_set, labels=("linux",), docker=DockerImage(image="x"))
@@ -34,4 +39,8 @@ class TestInMemoryProvisionerContract(ProvisionerContract[InMemoryProvisioner]):
         return sorted(n for n in provisioner.environments if n.startswith(prefix))
 
     async def remove_behind_back(self, provisioner: InMemoryProvisioner, name: str) -> None:
-        await cancel_and_wait(provisioner.environments.pop(name).task)
+        provisioner.environments.pop(name).removed.set()
+
+    async def make_runner_exit(self, provisioner: InMemoryProvisioner, name: str) -> bool:
+        provisioner.environments[name].end()
+        return True
