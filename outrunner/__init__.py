@@ -23,6 +23,14 @@ from outrunner.config import (
     resolve_token,
     resolve_url,
 )
+from outrunner.journal import (
+    Journal,
+    JournalEntry,
+    JournalError,
+    JournalPhase,
+    StateDir,
+    resolve_state_dir,
+)
 from outrunner.log import (
     BoundLogger,
     JsonFormatter,
@@ -32,7 +40,9 @@ from outrunner.log import (
     register_secret,
 )
 from outrunner.provisioner import (
+    Adopter,
     EnvironmentMonitor,
+    ExitWatcher,
     OrphanCleaner,
     Provisioner,
     ProvisionerError,
@@ -40,11 +50,12 @@ from outrunner.provisioner import (
     is_runner_name,
 )
 from outrunner.runner import RunnerPhase, RunnerSnapshot, RunnerState
-from outrunner.scaler import Scaler, ScalerError, ScaleSetClient
-from outrunner.service import Service, serve
+from outrunner.scaler import RunnerJournal, Scaler, ScalerError, ScaleSetClient
+from outrunner.service import Service, ServiceState, serve
 from outrunner.worker import ScaleSetWorker
 
 __all__ = [
+    "Adopter",
     "BoundLogger",
     "Config",
     "ConfigError",
@@ -52,6 +63,11 @@ __all__ = [
     "DockerImage",
     "DockerMount",
     "EnvironmentMonitor",
+    "ExitWatcher",
+    "Journal",
+    "JournalEntry",
+    "JournalError",
+    "JournalPhase",
     "JsonFormatter",
     "LibvirtImage",
     "LibvirtMount",
@@ -59,6 +75,7 @@ __all__ = [
     "Provisioner",
     "ProvisionerError",
     "RunnerConfig",
+    "RunnerJournal",
     "RunnerPhase",
     "RunnerRequest",
     "RunnerSnapshot",
@@ -68,7 +85,9 @@ __all__ = [
     "Scaler",
     "ScalerError",
     "Service",
+    "ServiceState",
     "SimpleHandler",
+    "StateDir",
     "TartImage",
     "TartMount",
     "__version__",
@@ -79,6 +98,7 @@ __all__ = [
     "register_secret",
     "resolve_runner_token",
     "resolve_runner_url",
+    "resolve_state_dir",
     "resolve_token",
     "resolve_url",
     "serve",

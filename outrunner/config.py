@@ -143,8 +143,12 @@ def _docker_memory(value: int) -> str | None:
     return None
 
 
-def _not_negative(value: int) -> str | None:
+def _not_negative(value: float) -> str | None:
     return f"must be 0 or more, got {value}" if value < 0 else None
+
+
+DEFAULT_DRAIN_TIMEOUT: Final = 900.0
+"""Seconds a shutdown waits for busy runners to finish their jobs (``drain_timeout``)."""
 
 
 def _env_name(name: str) -> str | None:
@@ -381,6 +385,11 @@ class Config:
 
     url: str = field(default="", metadata=rules(http_url))
     token_file: str = field(default="", metadata=rules(non_blank, no_tilde, relative_to_file=True))
+    drain_timeout: float = field(default=DEFAULT_DRAIN_TIMEOUT, metadata=rules(_not_negative))
+    """Seconds SIGTERM/SIGINT lets busy runners finish their jobs; 0 stops them at once."""
+    state_dir: str = field(default="", metadata=rules(absolute_path))
+    """Where the runner journal lives; ``""``: ``$OUTRUNNER_STATE_DIR``, ``$STATE_DIRECTORY``,
+    ``/var/lib/outrunner`` (see :func:`outrunner.journal.resolve_state_dir`)."""
     runners: Mapping[str, RunnerConfig] = field(
         default_factory=FrozenMap[str, RunnerConfig],
         metadata=rules(

@@ -196,11 +196,14 @@ async def run_demo(
                 url=github.config_url(),
                 runners={DEMO_SCALE_SET: replace(chosen.runner, max_runners=max_runners)},
             )
+            # The demo's runners live and die with the demo: no journal in the machine's state
+            # directory for a fake GitHub that is gone after the run.
             service = Service(
                 config,
                 token=token,
                 provisioner_factory=lambda runner: provisioner,
                 shutdown_timeout=30.0,
+                journal=False,
             )
             log.info("Demo starting", fake_github=github.url, jobs=jobs, max_runners=max_runners)
             began = time.monotonic()

@@ -32,6 +32,8 @@ class RunnerSnapshot:
     phase: RunnerPhase
     created_at: datetime
     started_at: datetime | None = None
+    adopted: bool = False
+    """Started by an earlier outrunner process and taken over after a restart."""
 
 
 @dataclass(kw_only=True)
@@ -43,6 +45,9 @@ class RunnerState:
     phase: RunnerPhase = RunnerPhase.PROVISIONING
     created_at: datetime = field(default_factory=_now)
     started_at: datetime | None = None
+    adopted: bool = False
+    release_tried: bool = field(default=False, repr=False)
+    """Draining already tried to deregister it while it had no job (the Scaler's bookkeeping)."""
     _done: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     def signal_done(self) -> None:
@@ -63,4 +68,5 @@ class RunnerState:
             phase=self.phase,
             created_at=self.created_at,
             started_at=self.started_at,
+            adopted=self.adopted,
         )

@@ -1,42 +1,70 @@
 """Scaler: turns the listener's demand signals into runner environments, one task per runner.
 
-Each runner lives through one asyncio task::
+A Scaler belongs to its scale set worker for the worker's whole life, not to a message session:
+a session that fails is replaced while every runner keeps running, and the next session's
+messages reach the same Scaler. Each runner lives through one asyncio task::
 
-    PROVISIONING --start ok--> IDLE --JobStarted--> RUNNING --JobCompleted or shutdown--> STOPPING
-         |                                                                                    |
-         +--start failed / cancelled: deregister, forget              stop, deregister, forget
+    (JIT) PROVISIONING --start ok--> IDLE --JobStarted--> RUNNING --JobCompleted/exit--> STOPPING
+              |                        |                                                    |
+              +- start failed ---------+- drain: deregistered first (409: it is busy) ------+
+                                                                    stop, then deregister
+
+Three things end a runner that is running a job, and nothing else: its job completing (the
+JobCompleted message), its environment ending on its own (the runner exits after its job;
+:class:`~outrunner.provisioner.ExitWatcher` or the :class:`EnvironmentMonitor` poll), or
+:meth:`Scaler.shutdown` (the drain timeout or an operator's second signal). :meth:`drain` only
+releases runners that have no job: each is deregistered *first*, so a job cannot land on it
+while it is being stopped; GitHub's 409 (JobStillRunning) says it took one, and it is kept.
+
+Deregistration is retried with backoff until GitHub confirms it (204, or 404: already gone), in
+a task of its own, so a runner whose environment is gone no longer holds a slot while GitHub is
+down. The journal (:mod:`outrunner.journal`) keeps every runner from before its JIT request
+until that confirmation, so a crash at any point leaks nothing the next start cannot find.
 
 All bookkeeping happens on the event loop, so the runner map needs no lock; every phase change
-goes through :meth:`Scaler._set_phase`, the one place a journal or metrics can observe.
+goes through :meth:`Scaler._set_phase`, the one place the journal and metrics observe.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Protocol
+from enum import Enum, auto
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from outrunner._aio import cancel_and_wait
+from outrunner._aio import backoff, cancel_and_wait
+from outrunner.journal import JournalEntry, JournalPhase
 from outrunner.log import BoundLogger, get_logger, register_secret, unregister_secret
-from outrunner.provisioner import EnvironmentMonitor, Provisioner, RunnerRequest
+from outrunner.provisioner import EnvironmentMonitor, ExitWatcher, Provisioner, RunnerRequest
 from outrunner.runner import RunnerPhase, RunnerSnapshot, RunnerState
-from outrunner.scaleset.errors import RunnerNotFoundError
-from outrunner.scaleset.types import JitRunnerConfig, JitRunnerSetting, JobCompleted, JobStarted
+from outrunner.scaleset.errors import JobStillRunningError, RunnerNotFoundError
+from outrunner.scaleset.types import (
+    JitRunnerConfig,
+    JitRunnerSetting,
+    JobCompleted,
+    JobStarted,
+    RunnerReference,
+)
 
 if TYPE_CHECKING:
     from outrunner.config import RunnerConfig
 
-__all__ = ["ScaleSetClient", "Scaler", "ScalerError"]
+__all__ = ["RunnerJournal", "ScaleSetClient", "Scaler", "ScalerError"]
 
 STOP_TIMEOUT = 120.0
 """Seconds a provisioner's stop may take before the runner is deregistered anyway."""
 DEREGISTER_TIMEOUT = 10.0
+"""Seconds one deregistration attempt may take."""
 WATCH_INTERVAL = 15.0
 """Seconds between checks that a live runner's environment still exists (EnvironmentMonitor)."""
 JIT_CONCURRENCY = 8
 """JIT configs requested at once during a burst; bounded so a burst of 100 does not open 100."""
+RETRY_FIRST: Final = 1.0
+RETRY_MAX: Final = 60.0
+"""Backoff (seconds) between deregistration attempts while GitHub does not confirm them."""
 
 
 class ScaleSetClient(Protocol):
@@ -48,9 +76,23 @@ class ScaleSetClient(Protocol):
 
     async def remove_runner(self, runner_id: int) -> None: ...
 
+    async def get_runner_by_name(self, name: str) -> RunnerReference | None: ...
+
+
+class RunnerJournal(Protocol):
+    """Where the Scaler records its runners (``outrunner.journal.Journal``, or your own)."""
+
+    def record(self, entry: JournalEntry) -> None: ...
+
+    def forget(self, name: str) -> None: ...
+
 
 class ScalerError(RuntimeError):
-    """The Scaler could not add the runners it was asked for."""
+    """The Scaler was used wrongly (e.g. asked for runners before it knows its scale set).
+
+    A failed JIT request is *not* a ScalerError: it fails that one slot, is logged, and the next
+    demand signal tries again; the message session is never ended by it.
+    """
 
 
 PhaseObserver = Callable[[str, RunnerSnapshot | None], None]
@@ -64,43 +106,57 @@ class Scaler:
         self,
         client: ScaleSetClient,
         *,
-        scale_set_id: int,
+        scale_set_id: int = 0,
         max_runners: int,
         name_prefix: str,
         runner: RunnerConfig,
         provisioner: Provisioner,
         logger: BoundLogger | None = None,
         on_phase_change: PhaseObserver | None = None,
+        journal: RunnerJournal | None = None,
         stop_timeout: float = STOP_TIMEOUT,
         deregister_timeout: float = DEREGISTER_TIMEOUT,
         jit_concurrency: int = JIT_CONCURRENCY,
         watch_interval: float = WATCH_INTERVAL,
+        retry_first: float = RETRY_FIRST,
+        retry_max: float = RETRY_MAX,
     ) -> None:
         if max_runners < 0:
             raise ValueError(f"max_runners must be >= 0, got {max_runners}")
         if jit_concurrency < 1:
             raise ValueError(f"jit_concurrency must be >= 1, got {jit_concurrency}")
         self._client = client
-        self._scale_set_id = scale_set_id
+        self.scale_set_id = scale_set_id
+        """The scale set's id at GitHub; 0 until the worker has set the scale set up (adopted
+        runners are tracked before that; new ones are only requested after)."""
         self._max_runners = max_runners
         self._prefix = name_prefix
         self._runner_config = runner
+        self._backend = _backend_of(runner)
         self._provisioner = provisioner
         self._log = logger or get_logger("outrunner.scaler", scale_set=name_prefix)
         self._on_phase_change = on_phase_change
+        self._journal = journal
         self._stop_timeout = stop_timeout
         self._deregister_timeout = deregister_timeout
         self._jit_slots = asyncio.Semaphore(jit_concurrency)
         self._watch_interval = watch_interval
+        self._retry = (retry_first, retry_max)
 
         self._runners: dict[str, RunnerState] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._start_tasks: dict[str, asyncio.Task[None]] = {}
+        self._deregistrations: dict[str, asyncio.Task[None]] = {}
         # Slots reserved by handle_desired_runner_count calls whose JIT requests are in flight;
         # counting them is what keeps concurrent calls from overshooting the target.
         self._reserved = 0
         self._naming: set[str] = set()
-        self._shutting_down = asyncio.Event()
+        self._draining = asyncio.Event()
+        self._forced = asyncio.Event()
+        self._empty = asyncio.Event()
+        self._empty.set()
+
+    # -- state -------------------------------------------------------------------------------
 
     @property
     def max_runners(self) -> int:
@@ -112,31 +168,47 @@ class Scaler:
             raise ValueError(f"max_runners must be >= 0, got {value}")
         self._max_runners = value
 
+    @property
+    def draining(self) -> bool:
+        """True once :meth:`drain` or :meth:`shutdown` was called: no new runners."""
+        return self._draining.is_set()
+
     def runners(self) -> list[RunnerSnapshot]:
         """Snapshots of every tracked runner, oldest first."""
         return [state.snapshot() for state in self._runners.values()]
+
+    def busy_runners(self) -> int:
+        """Runners that are running a job."""
+        return sum(state.phase is RunnerPhase.RUNNING for state in self._runners.values())
+
+    def pending_deregistrations(self) -> list[str]:
+        """Runners whose environment is gone but whose registration GitHub has not yet
+        confirmed removed (retried with backoff)."""
+        return sorted(self._deregistrations)
+
+    async def wait_empty(self) -> None:
+        """Wait until no runner is tracked (pending deregistrations do not count)."""
+        await self._empty.wait()
+
+    # -- the listener's Scaler protocol ------------------------------------------------------
 
     async def handle_desired_runner_count(self, count: int) -> int:
         """Add runners until ``min(max_runners, count)`` exist; never removes any.
 
         Returns once the new runners are registered and their lifecycles started, without waiting
-        for provisioning. The result counts tracked runners plus those other calls are adding.
+        for provisioning. A JIT request that fails fails its slot only (logged; the next demand
+        signal tries again). The result counts tracked runners plus those other calls are
+        adding.
         """
         target = min(self._max_runners, max(count, 0))
         current = len(self._runners) + self._reserved
-        missing = 0 if self._shutting_down.is_set() else target - current
+        missing = 0 if self.draining else target - current
         self._log.debug("Desired runner count", requested=count, target=target, current=current)
         if missing > 0:
+            if not self.scale_set_id:
+                raise ScalerError("the scale set id is not known yet")
             self._reserved += missing
-            results = await asyncio.gather(
-                *(self._add_runner() for _ in range(missing)), return_exceptions=True
-            )
-            errors = [r for r in results if isinstance(r, BaseException)]
-            if errors:
-                for err in errors:
-                    if not isinstance(err, Exception):
-                        raise err
-                raise ScalerError(f"generate JIT config: {errors[0]}") from errors[0]
+            await asyncio.gather(*(self._add_runner() for _ in range(missing)))
         return len(self._runners) + self._reserved
 
     async def handle_job_started(self, job: JobStarted) -> None:
@@ -156,55 +228,110 @@ class Scaler:
         if state is not None:
             state.signal_done()
 
+    # -- recovery, draining, shutdown --------------------------------------------------------
+
+    def adopt(self, name: str, runner_id: int, phase: RunnerPhase) -> RunnerSnapshot:
+        """Track a live environment an earlier process started (the provisioner has adopted
+        it): it counts against ``max_runners`` and ends like any other runner."""
+        if name in self._runners:
+            raise ValueError(f"runner {name} is already tracked")
+        if phase not in (RunnerPhase.IDLE, RunnerPhase.RUNNING):
+            raise ValueError(f"only idle or running runners can be adopted, got {phase}")
+        state = RunnerState(name=name, runner_id=runner_id, phase=phase, adopted=True)
+        state.started_at = datetime.now(UTC)
+        self._track(state)
+        self._log.info("Adopted runner", name=name, runner_id=runner_id, phase=str(phase))
+        self._tasks[name] = asyncio.create_task(self._lifecycle(state, None), name=f"runner:{name}")
+        return state.snapshot()
+
+    def deregister_later(self, name: str, runner_id: int) -> None:
+        """Remove a registration whose environment is gone, retrying until GitHub confirms it
+        (``runner_id`` 0: look the runner up by name first)."""
+        self._start_deregistration(name, runner_id)
+
+    def drain(self) -> None:
+        """Stop taking work: no new runners; runners without a job are deregistered and stopped
+        at once; runners running a job finish it. :meth:`wait_empty` tells when all are gone."""
+        if not self.draining:
+            self._log.info("Draining", busy=self.busy_runners(), runners=len(self._runners))
+        self._draining.set()
+
     async def shutdown(self, timeout: float = 30.0) -> None:
-        """Stop and deregister every runner; give up waiting after ``timeout`` seconds.
+        """Stop and deregister every runner, busy or not; give up waiting after ``timeout``.
 
         Runners still provisioning have their start cancelled (the provisioner cleans up after
         itself). Lifecycles still running when the timeout passes are cancelled and named in the
-        log, so the next start's orphan cleanup knows what it is looking at.
+        log. Deregistrations get one more prompt attempt each; those GitHub does not confirm in
+        time stay in the journal, and the next start retries them.
         """
-        self._shutting_down.set()
+        self._draining.set()
+        self._forced.set()
         for start in list(self._start_tasks.values()):
             start.cancel()
-        tasks = list(self._tasks.values())
-        if not tasks:
-            return
-        _, pending = await asyncio.wait(tasks, timeout=timeout)
-        if not pending:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        if self._tasks and await self._settle(
+            self._tasks, timeout, "Shutdown timed out, some runners may not be fully cleaned up"
+        ):
             self._log.info("All runners shut down")
-            return
-        left = sorted(name for name, task in self._tasks.items() if task in pending)
+        await self._settle(
+            self._deregistrations,
+            max(deadline - loop.time(), self._deregister_timeout),
+            "GitHub did not confirm some deregistrations; the next start retries them",
+        )
+
+    async def _settle(
+        self, tasks: dict[str, asyncio.Task[None]], timeout: float, late: str
+    ) -> bool:
+        """Wait up to ``timeout`` for ``tasks`` (by runner name); cancel those still running and
+        name them in a ``late`` warning. True when all finished in time."""
+        waiting = dict(tasks)
+        if not waiting:
+            return True
+        _, pending = await asyncio.wait(waiting.values(), timeout=timeout)
+        if not pending:
+            return True
         self._log.warning(
-            "Shutdown timed out, some runners may not be fully cleaned up", runners=",".join(left)
+            late, runners=",".join(sorted(n for n, task in waiting.items() if task in pending))
         )
         for task in pending:
             task.cancel()
         await asyncio.wait(pending, timeout=1.0)
+        return False
+
+    # -- adding runners ----------------------------------------------------------------------
 
     async def _add_runner(self) -> None:
         """Fill one slot reserved by handle_desired_runner_count, releasing it whatever happens."""
         name = self._new_name()
         self._naming.add(name)
+        # Journaled before the request: if the process dies before the answer is recorded, the
+        # next start finds the registration by name and removes it.
+        self._record(name, 0, JournalPhase.REGISTERING)
         try:
             async with self._jit_slots:
                 jit = await self._client.generate_jit_runner_config(
-                    JitRunnerSetting(name=name), self._scale_set_id
+                    JitRunnerSetting(name=name), self.scale_set_id
                 )
+        except Exception as exc:
+            self._log.error("Failed to register runner", name=name, error=str(exc))
+            # The request may have reached GitHub before failing (a dropped answer).
+            self._start_deregistration(name, 0)
+            return
         finally:
             # Released in the same step that tracks the runner, so the count never double-counts.
             self._reserved -= 1
             self._naming.discard(name)
-        if self._shutting_down.is_set():
-            # Shutdown began while the JIT request was in flight: do not start what will not be
-            # stopped, but do not leave the registration behind either.
-            await self._deregister(name, jit.runner.id)
+        if self.draining:
+            # Draining began while the JIT request was in flight: do not start what will not be
+            # used, but do not leave the registration behind either.
+            self._start_deregistration(name, jit.runner.id)
             return
         # The JIT config lets whoever holds it act as this runner: mask it in every log line
         # until the runner is forgotten.
         register_secret(jit.encoded_jit_config)
         state = RunnerState(name=name, runner_id=jit.runner.id)
-        self._runners[name] = state
-        self._notify(state)
+        self._track(state)
         request = RunnerRequest(
             name=name, jit_config=jit.encoded_jit_config, runner=self._runner_config
         )
@@ -216,63 +343,164 @@ class Scaler:
     def _new_name(self) -> str:
         while True:
             name = f"{self._prefix}-{secrets.token_hex(4)}"
-            if name not in self._runners and name not in self._naming:
+            if (
+                name not in self._runners
+                and name not in self._naming
+                and name not in self._deregistrations
+            ):
                 return name
 
-    async def _lifecycle(self, state: RunnerState, request: RunnerRequest) -> None:
+    def _track(self, state: RunnerState) -> None:
+        self._runners[state.name] = state
+        self._empty.clear()
+        self._notify(state)
+
+    # -- a runner's life ---------------------------------------------------------------------
+
+    async def _lifecycle(self, state: RunnerState, request: RunnerRequest | None) -> None:
+        """Provision (unless adopted), wait for the end, stop, deregister."""
+        deregistered = False
         try:
-            if not await self._provision(state, request):
-                await self._deregister(state.name, state.runner_id)
-                return
-            waits = {
-                asyncio.create_task(state.wait_done()),
-                asyncio.create_task(self._shutting_down.wait()),
-                asyncio.create_task(self._watch(state.name)),
-            }
-            try:
-                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for wait in waits:
-                    await cancel_and_wait(wait)
+            if request is not None:
+                outcome = await self._provision(state, request)
+                if outcome is not _Start.OK:
+                    if outcome is _Start.FAILED:
+                        self._start_deregistration(state.name, state.runner_id)
+                    else:
+                        self._forget(state.name)
+                    return
+            deregistered = await self._wait_for_end(state)
             self._set_phase(state, RunnerPhase.STOPPING)
             self._log.info("Stopping runner", name=state.name)
             await self._stop(state.name)
-            await self._deregister(state.name, state.runner_id)
+            if deregistered:
+                self._forget(state.name)
+            else:
+                self._start_deregistration(state.name, state.runner_id)
         finally:
-            unregister_secret(request.jit_config)
+            if request is not None:
+                unregister_secret(request.jit_config)
             self._runners.pop(state.name, None)
             self._tasks.pop(state.name, None)
+            if not self._runners:
+                self._empty.set()
             if self._on_phase_change is not None:
                 self._on_phase_change(state.name, None)
 
-    async def _watch(self, name: str) -> None:
-        """Return once the runner's environment has ended on its own; never, without a monitor."""
-        monitor = self._provisioner
-        if not isinstance(monitor, EnvironmentMonitor):
+    async def _wait_for_end(self, state: RunnerState) -> bool:
+        """Wait for the job to complete, the environment to end, a forced shutdown, or (while
+        draining, for a runner without a job) a successful release. True when the runner was
+        released, i.e. its registration is already removed."""
+        watch = asyncio.create_task(self._watch(state))
+        try:
+            while True:
+                ends: list[Coroutine[Any, Any, Any]] = [state.wait_done(), self._forced.wait()]
+                if state.phase is not RunnerPhase.RUNNING and not state.release_tried:
+                    ends.append(self._draining.wait())  # index 3: release it, then go on
+                if await _first_of(watch, *ends) != 3:
+                    return False
+                if state.phase is RunnerPhase.RUNNING:
+                    continue  # it took a job while waiting: the drain leaves it alone
+                state.release_tried = True
+                if await self._release(state):
+                    return True
+        finally:
+            await cancel_and_wait(watch)
+
+    async def _watch(self, state: RunnerState) -> None:
+        """Return once the runner's environment has ended on its own; never, if the backend
+        cannot tell. An ExitWatcher answers within moments; the EnvironmentMonitor poll stays
+        as the safety net (a watcher that failed, an engine that lost events)."""
+        name = state.name
+        watchers: list[asyncio.Task[None]] = []
+        if isinstance(self._provisioner, ExitWatcher):
+            watchers.append(asyncio.create_task(self._wait_exited(self._provisioner, name)))
+        if isinstance(self._provisioner, EnvironmentMonitor):
+            watchers.append(asyncio.create_task(self._poll_exited(self._provisioner, name)))
+        if not watchers:
             await asyncio.Event().wait()
-            return
+        try:
+            await _first_of(*watchers)
+        finally:
+            for watcher in watchers:
+                await cancel_and_wait(watcher)
+        if state.phase is RunnerPhase.RUNNING or state.is_done:
+            self._log.info("Runner environment exited", name=name)
+        else:
+            self._log.warning("Runner environment ended without running a job", name=name)
+
+    async def _wait_exited(self, watcher: ExitWatcher, name: str) -> None:
+        try:
+            await watcher.wait_exited(name)
+        except Exception as exc:  # polling carries on; a watcher hiccup never drops a runner
+            self._log.debug("Cannot watch runner environment", name=name, error=str(exc))
+            await asyncio.Event().wait()
+
+    async def _poll_exited(self, monitor: EnvironmentMonitor, name: str) -> None:
         while True:
             await asyncio.sleep(self._watch_interval)
             try:
-                ended = await monitor.exited(name)
+                if await monitor.exited(name):
+                    return
             except Exception as exc:  # a monitor hiccup is no reason to drop a runner
                 self._log.debug("Could not check runner environment", name=name, error=str(exc))
-                continue
-            if ended:
-                # A runner exits right after its job, a moment before GitHub's JobCompleted
-                # arrives: give that message the chance to end the wait the normal way.
-                await asyncio.sleep(min(self._watch_interval, 5.0))
-                self._log.warning("Runner environment ended without a completed job", name=name)
-                return
 
-    async def _provision(self, state: RunnerState, request: RunnerRequest) -> bool:
-        """Run the provisioner's start as its own task so shutdown can cancel just this step."""
-        if self._shutting_down.is_set():
+    async def _release(self, state: RunnerState) -> bool:
+        """Deregister a runner that has no job, before its environment is stopped, so no job can
+        be handed to it meanwhile. False when GitHub says it is running one (409), or when the
+        job or a forced shutdown comes first; retried with backoff while GitHub is unreachable.
+        """
+        if state.runner_id == 0:
             return False
+        delays = backoff(*self._retry)
+        quiet = False
+        while True:
+            outcome = await self._remove_once(state.name, state.runner_id, quiet=quiet)
+            quiet = True  # one warning per runner; the retries are at debug
+            if outcome is _Removal.DONE:
+                self._log.info("Released idle runner", name=state.name)
+                return True
+            if outcome is _Removal.BUSY:
+                self._log.info(
+                    "Runner took a job while draining; letting it finish", name=state.name
+                )
+                if state.phase is not RunnerPhase.RUNNING:
+                    self._set_phase(state, RunnerPhase.RUNNING)
+                return False
+            waited = await _first_of(
+                asyncio.sleep(next(delays)), state.wait_done(), self._forced.wait()
+            )
+            if waited != 0:
+                return False
+
+    async def _provision(self, state: RunnerState, request: RunnerRequest) -> _Start:
+        """Run the provisioner's start as its own task so shutdown can cancel just this step.
+
+        While draining, a runner still provisioning is released (deregistered, then its start
+        cancelled) unless GitHub says it already took a job.
+        """
+        if self.draining:  # drained before the start began: nothing can have a job yet
+            return _Start.FAILED
         start = asyncio.create_task(self._provisioner.start(request), name=f"start:{state.name}")
         self._start_tasks[state.name] = start
         try:
-            await asyncio.shield(start)
+            while not start.done():
+                if state.release_tried:
+                    await asyncio.shield(start)
+                    break
+                if await _first_of(start, self._draining.wait()) == 0:
+                    break
+                state.release_tried = True
+                if state.phase is RunnerPhase.RUNNING:
+                    continue  # it took its job while provisioning: the drain leaves it alone
+                if await self._release(state):
+                    started = start.done() and not start.cancelled() and not start.exception()
+                    await cancel_and_wait(start)
+                    if started:  # the start won the race with a slow release: undo it
+                        await self._stop(state.name)
+                    self._log.info("Runner start cancelled", name=state.name)
+                    return _Start.RELEASED
+            start.result()  # the start's own failure or cancellation, handled below
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if current is not None and current.cancelling():
@@ -280,10 +508,10 @@ class Scaler:
                 await cancel_and_wait(start)
                 raise
             self._log.info("Runner start cancelled", name=state.name)
-            return False
+            return _Start.FAILED
         except Exception as exc:
             self._log.error("Failed to start runner", name=state.name, error=str(exc))
-            return False
+            return _Start.FAILED
         finally:
             self._start_tasks.pop(state.name, None)
         state.started_at = datetime.now(UTC)
@@ -293,7 +521,7 @@ class Scaler:
         else:
             self._set_phase(state, RunnerPhase.IDLE)
             self._log.info("Runner provisioned", name=state.name)
-        return True
+        return _Start.OK
 
     async def _stop(self, name: str) -> None:
         try:
@@ -304,26 +532,143 @@ class Scaler:
         except Exception as exc:
             self._log.error("Failed to stop runner", name=name, error=str(exc))
 
-    async def _deregister(self, name: str, runner_id: int) -> None:
-        if runner_id == 0:
+    # -- deregistration ----------------------------------------------------------------------
+
+    def _start_deregistration(self, name: str, runner_id: int) -> None:
+        if name in self._deregistrations:
             return
+        self._record(name, runner_id, JournalPhase.DEREGISTERING)
+        task = asyncio.create_task(self._deregister(name, runner_id), name=f"deregister:{name}")
+        self._deregistrations[name] = task
+        task.add_done_callback(lambda _: self._deregistrations.pop(name, None))
+
+    async def _deregister(self, name: str, runner_id: int) -> None:
+        """Remove the registration, retrying with backoff until GitHub confirms (204 or 404);
+        a forced shutdown cuts the wait between attempts short."""
+        delays = backoff(*self._retry)
+        quiet = False
+        while True:
+            outcome = await self._remove_once(name, runner_id, quiet=quiet)
+            if outcome is _Removal.DONE:
+                self._forget(name)
+                return
+            if outcome is _Removal.BUSY and self._forced.is_set():
+                # Stopped in the middle of its job: GitHub refuses until it has noticed the
+                # runner is gone (minutes). The journal keeps it; the next start removes it.
+                self._log.info("GitHub still sees a job on a stopped runner", name=name)
+                return
+            quiet = True  # one warning per runner; the retries are at debug
+            delay = next(delays)
+            if self._forced.is_set():  # shutting down: a last few prompt attempts
+                await asyncio.sleep(min(delay, 1.0))
+            else:  # a shutdown cuts the wait short
+                await _first_of(asyncio.sleep(delay), self._forced.wait())
+
+    async def _remove_once(self, name: str, runner_id: int, *, quiet: bool) -> _Removal:
         try:
             async with asyncio.timeout(self._deregister_timeout):
+                if runner_id == 0:
+                    found = await self._client.get_runner_by_name(name)
+                    if found is None:
+                        return _Removal.DONE
+                    runner_id = found.id
                 await self._client.remove_runner(runner_id)
         except RunnerNotFoundError:
             # Ephemeral JIT runners are removed by GitHub once their job ends: nothing to do.
             self._log.debug("Runner already deregistered", name=name, runner_id=runner_id)
+            return _Removal.DONE
+        except JobStillRunningError:
+            return _Removal.BUSY
         except TimeoutError:
-            self._log.warning("Timed out deregistering runner", name=name, runner_id=runner_id)
-        except Exception as exc:
-            self._log.warning(
-                "Failed to deregister runner", name=name, runner_id=runner_id, error=str(exc)
+            self._log.log(
+                logging.DEBUG if quiet else logging.WARNING,
+                "Timed out deregistering runner",
+                name=name,
+                runner_id=runner_id,
             )
+            return _Removal.FAILED
+        except Exception as exc:
+            self._log.log(
+                logging.DEBUG if quiet else logging.WARNING,
+                "Failed to deregister runner",
+                name=name,
+                runner_id=runner_id,
+                error=str(exc),
+            )
+            return _Removal.FAILED
+        self._log.debug("Runner deregistered", name=name, runner_id=runner_id)
+        return _Removal.DONE
+
+    # -- observation -------------------------------------------------------------------------
 
     def _set_phase(self, state: RunnerState, phase: RunnerPhase) -> None:
         state.phase = phase
         self._notify(state)
 
     def _notify(self, state: RunnerState) -> None:
+        self._record(state.name, state.runner_id, JournalPhase(state.phase.value))
         if self._on_phase_change is not None:
             self._on_phase_change(state.name, state.snapshot())
+
+    def _record(self, name: str, runner_id: int, phase: JournalPhase) -> None:
+        if self._journal is None:
+            return
+        entry = JournalEntry(
+            scale_set=self._prefix,
+            name=name,
+            runner_id=runner_id,
+            backend=self._backend,
+            phase=phase,
+        )
+        try:
+            self._journal.record(entry)
+        except Exception as exc:  # a full disk must not take the runners down with it
+            self._log.error("Cannot write the runner journal", name=name, error=str(exc))
+
+    def _forget(self, name: str) -> None:
+        if self._journal is None:
+            return
+        try:
+            self._journal.forget(name)
+        except Exception as exc:
+            self._log.error("Cannot write the runner journal", name=name, error=str(exc))
+
+
+class _Start(Enum):
+    """Outcomes of :meth:`Scaler._provision`."""
+
+    OK = auto()
+    FAILED = auto()
+    """The start failed or was cancelled: the registration still has to go."""
+    RELEASED = auto()
+    """Released while draining: the registration is already gone."""
+
+
+class _Removal(Enum):
+    """Outcomes of one deregistration attempt."""
+
+    DONE = auto()
+    """Removed, or GitHub had already removed it."""
+    BUSY = auto()
+    """GitHub says it is running a job (409 JobStillRunning)."""
+    FAILED = auto()
+
+
+def _backend_of(runner: RunnerConfig) -> str:
+    try:
+        return runner.provider_type
+    except ValueError:  # a hand-built RunnerConfig without a backend (tests, custom scalers)
+        return ""
+
+
+async def _first_of(*waits: Coroutine[Any, Any, Any] | asyncio.Future[Any]) -> int:
+    """Wait for the first of ``waits`` to finish; return its index. The others are cancelled
+    (tasks passed in are the caller's: they are left running)."""
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    owned = [t for t, w in zip(tasks, waits, strict=True) if t is not w]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in owned:
+            await cancel_and_wait(task)
+    return next(i for i, task in enumerate(tasks) if task in done)

@@ -1,19 +1,29 @@
 """Service: a whole Config as running workers (what gha-outrunner's main.go does, as a library).
 
 For every runner entry it resolves the URL and token (runner's own first), shares one scale set
-client per distinct (URL, token), builds the entry's provisioner and runs a ScaleSetWorker.
-:meth:`Service.run` returns when :meth:`Service.stop` is called (the runner script wires SIGINT and
-SIGTERM to it) or raises when a worker cannot set up its scale set. Either way every worker stops
-its runners, deregisters them, deletes its message session and closes its provisioner first.
+client per distinct (URL, token), builds the entry's provisioner and runs a ScaleSetWorker. The
+Service owns what it creates (the runner journal, clients, provisioners, worker tasks) through one
+exit stack, released in reverse order.
+
+:meth:`Service.run` returns once the Service has stopped:
+
+* ``stop()`` (the first SIGINT/SIGTERM under :func:`serve`) *drains*: no new runners, runners
+  without a job are released at once, busy runners finish their jobs for up to ``drain_timeout``
+  seconds; then whatever is left is stopped, sessions are deleted and ``run`` returns.
+* ``stop(drain=False)`` (a second signal), or a drain timeout of 0, stops every runner at once.
+* A worker that cannot set up its scale set (bad token, unknown runner group) makes ``run``
+  raise, after every other worker has stopped its runners the same bounded way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import socket
 import uuid
 from collections.abc import Callable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
 from outrunner._version import __version__
@@ -24,14 +34,22 @@ from outrunner.config import (
     resolve_runner_token,
     resolve_runner_url,
 )
+from outrunner.journal import Journal, resolve_state_dir
 from outrunner.log import BoundLogger, get_logger, register_secret
 from outrunner.provisioner import Provisioner
-from outrunner.runner import RunnerSnapshot
+from outrunner.runner import RunnerPhase, RunnerSnapshot
 from outrunner.scaleset.auth import PersonalAccessToken
 from outrunner.scaleset.client import Client, SystemInfo
 from outrunner.worker import ScaleSetWorker
 
-__all__ = ["ClientFactory", "ProvisionerFactory", "Service", "default_provisioner", "serve"]
+__all__ = [
+    "ClientFactory",
+    "ProvisionerFactory",
+    "Service",
+    "ServiceState",
+    "default_provisioner",
+    "serve",
+]
 
 ProvisionerFactory = Callable[[RunnerConfig], Provisioner]
 ClientFactory = Callable[[str, str], Client]
@@ -81,8 +99,33 @@ class _Plan:
     max_runners: int
 
 
+@dataclass(frozen=True)
+class ServiceState:
+    """Where a Service is in its life (see :meth:`Service.state`)."""
+
+    stopping: bool
+    """stop() was called (a signal arrived)."""
+    draining: bool
+    """Stopping, and waiting for busy runners to finish their jobs."""
+    busy_runners: int
+    """Runners running a job, over every scale set."""
+    runners: int
+    """Runners tracked, in any phase, over every scale set."""
+    drain_deadline: float | None
+    """``loop.time()`` at which the drain gives up and stops what is left; None when not
+    draining."""
+
+
 class Service:
-    """Runs every scale set of a Config until stopped."""
+    """Runs every scale set of a Config until stopped.
+
+    ``drain_timeout`` (seconds; default: the config's ``drain_timeout``, 900) bounds how long a
+    drain waits for busy runners; 0 stops them at once. ``state_dir`` is where the runner journal
+    lives (default: resolved by :func:`outrunner.journal.resolve_state_dir` from the config's
+    ``state_dir`` and the environment); ``journal=False`` runs without one (no adoption after a
+    restart). ``shutdown_timeout`` bounds stopping the runners that are left once the drain is
+    over.
+    """
 
     def __init__(
         self,
@@ -95,44 +138,72 @@ class Service:
         client_factory: ClientFactory = _default_client,
         owner: str | None = None,
         shutdown_timeout: float = 30.0,
+        drain_timeout: float | None = None,
+        state_dir: str | os.PathLike[str] | None = None,
+        journal: bool = True,
         logger: BoundLogger | None = None,
     ) -> None:
+        # The one place the default runner count is checked: the flag, or a library caller.
         if max_runners < 1:
             raise ConfigError(f"--max-runners must be at least 1, got {max_runners}")
+        if drain_timeout is not None and drain_timeout < 0:
+            raise ConfigError(f"--drain-timeout must be 0 or more, got {drain_timeout}")
+        self._config = config
+        self._url = url
+        self._token = token
+        self._max_runners = max_runners
         self._log = logger or get_logger("outrunner.service")
-        self._plans = [
-            self._plan(config, runner, url, token, max_runners)
-            for runner in config.runners.values()
-        ]
         self._provisioner_factory = provisioner_factory
         self._client_factory = client_factory
         self._owner = owner or _owner()
         self._shutdown_timeout = shutdown_timeout
+        self.drain_timeout = config.drain_timeout if drain_timeout is None else drain_timeout
+        self._state_dir = None if state_dir is None else os.fspath(state_dir)
+        self._use_journal = journal
         self._stop = asyncio.Event()
+        self._force = asyncio.Event()
+        self._drain_deadline: float | None = None
         self._workers_created = asyncio.Event()
         self.workers: list[ScaleSetWorker] = []
+        self.journal: Journal | None = None
+        """The runner journal while :meth:`run` runs (None without one)."""
 
-    @staticmethod
-    def _plan(
-        config: Config, runner: RunnerConfig, url: str | None, token: str | None, max_runners: int
-    ) -> _Plan:
-        resolved_token = resolve_runner_token(token, config, runner)
+    def _plan(self, runner: RunnerConfig) -> _Plan:
+        resolved_token = resolve_runner_token(self._token, self._config, runner)
         # Mask the token in every log line from here on, whoever prints it.
         register_secret(resolved_token)
         return _Plan(
             runner=runner,
-            url=resolve_runner_url(url, config, runner),
+            url=resolve_runner_url(self._url, self._config, runner),
             token=resolved_token,
-            max_runners=runner.max_runners or max_runners,
+            max_runners=runner.max_runners or self._max_runners,
         )
 
-    def stop(self) -> None:
-        """Ask :meth:`run` to shut down.
+    def stop(self, *, drain: bool = True) -> None:
+        """Ask :meth:`run` to shut down: drain first (the default), or at once.
 
-        Call it on the event loop (``loop.add_signal_handler`` callbacks run there); from another
-        thread use ``loop.call_soon_threadsafe(service.stop)``.
+        A second call, or ``drain=False``, skips (or cuts short) the drain. Call it on the event
+        loop (``loop.add_signal_handler`` callbacks run there); from another thread use
+        ``loop.call_soon_threadsafe(service.stop)``.
         """
+        if self._stop.is_set() or not drain or self.drain_timeout <= 0:
+            self._force.set()
         self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def state(self) -> ServiceState:
+        """Whether the Service is stopping or draining, and how many runners are busy."""
+        runners = [r for snapshots in self.runners().values() for r in snapshots]
+        return ServiceState(
+            stopping=self._stop.is_set(),
+            draining=self._stop.is_set() and not self._force.is_set(),
+            busy_runners=sum(r.phase is RunnerPhase.RUNNING for r in runners),
+            runners=len(runners),
+            drain_deadline=self._drain_deadline,
+        )
 
     def runners(self) -> dict[str, list[RunnerSnapshot]]:
         """Every scale set's tracked runners."""
@@ -144,59 +215,120 @@ class Service:
         await asyncio.gather(*(worker.ready.wait() for worker in self.workers))
 
     async def run(self) -> None:
-        clients: dict[tuple[str, str], Client] = {}
         tasks: list[asyncio.Task[None]] = []
-        failed: asyncio.Task[None] | None = None
-        provisioners: list[Provisioner] = []
-        try:
+        async with AsyncExitStack() as stack:
+            plans = [self._plan(runner) for runner in self._config.runners.values()]
+            if self._use_journal:
+                self.journal = self._open_journal()
+                stack.callback(self._close_journal)
             # Every provisioner is built before any worker starts, so a backend that cannot be
             # built (a missing extra) fails the run before anything happened at GitHub.
-            for plan in self._plans:
-                provisioners.append(self._provisioner_factory(plan.runner))
-            for plan, provisioner in zip(self._plans, provisioners, strict=True):
+            provisioners: list[Provisioner] = []
+            for plan in plans:
+                provisioner = self._provisioner_factory(plan.runner)
+                provisioners.append(provisioner)
+                stack.push_async_callback(provisioner.close)
+            clients: dict[tuple[str, str], Client] = {}
+            for plan in plans:
                 key = (plan.url, plan.token)
                 if key not in clients:
                     clients[key] = self._client_factory(plan.url, plan.token)
+                    stack.push_async_callback(clients[key].aclose)
                     self._log.info("Created scaleset client", url=plan.url)
+            # Released first: every worker stops its runners before provisioners and clients go.
+            stack.push_async_callback(self._stop_workers, tasks)
+            for plan, provisioner in zip(plans, provisioners, strict=True):
                 worker = ScaleSetWorker(
-                    clients[key],
+                    clients[(plan.url, plan.token)],
                     plan.runner,
                     max_runners=plan.max_runners,
                     provisioner=provisioner,
                     owner=self._owner,
                     logger=self._log.bind(scale_set=plan.runner.name),
                     shutdown_timeout=self._shutdown_timeout,
+                    journal=self.journal,
                 )
                 self.workers.append(worker)
                 tasks.append(asyncio.create_task(worker.run(), name=f"worker:{worker.name}"))
             self._workers_created.set()
-            stop = asyncio.create_task(self._stop.wait())
-            done, _ = await asyncio.wait([*tasks, stop], return_when=asyncio.FIRST_COMPLETED)
-            stop.cancel()
-            failed = next((t for t in tasks if t in done and _failure(t) is not None), None)
-            if failed is not None:
-                raise _failure(failed)  # type: ignore[misc]
-        finally:
-            await self._shutdown(tasks, raised=failed)
-            # A worker closes its own provisioner; these never got a worker.
-            for provisioner in provisioners[len(tasks) :]:
-                await provisioner.close()
-            for client in clients.values():
-                await client.aclose()
+            await self._supervise(tasks)
         self._log.info("Shut down cleanly")
 
-    async def _shutdown(
-        self, tasks: list[asyncio.Task[None]], *, raised: asyncio.Task[None] | None
-    ) -> None:
+    async def _supervise(self, tasks: list[asyncio.Task[None]]) -> None:
+        """Return when stopped (after the drain) or raise the first worker failure."""
+        stop = asyncio.ensure_future(self._stop.wait())
+        try:
+            done, _ = await asyncio.wait([*tasks, stop], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        failed = next((t for t in tasks if t in done and _failure(t) is not None), None)
+        if failed is not None:
+            raise _failure(failed)  # type: ignore[misc]
+        if not self._force.is_set():
+            await self._drain(tasks)
+
+    async def _drain(self, tasks: list[asyncio.Task[None]]) -> None:
+        loop = asyncio.get_running_loop()
+        self._drain_deadline = loop.time() + self.drain_timeout
+        state = self.state()
+        self._log.info(
+            "Draining: no new runners; busy runners finish their jobs (signal again to stop now)",
+            busy=state.busy_runners,
+            timeout=self.drain_timeout,
+        )
+        for worker in self.workers:
+            worker.drain()
+        force = asyncio.ensure_future(self._force.wait())
+        drained = asyncio.ensure_future(asyncio.wait(tasks) if tasks else asyncio.sleep(0))
+        try:
+            async with asyncio.timeout_at(self._drain_deadline):
+                await asyncio.wait([force, drained], return_when=asyncio.FIRST_COMPLETED)
+        except TimeoutError:
+            busy = self.state().busy_runners
+            self._log.warning("Drain timed out; stopping the runners that are left", busy=busy)
+        finally:
+            force.cancel()
+            drained.cancel()
+        if self._force.is_set():
+            self._log.warning("Stopping every runner now", busy=self.state().busy_runners)
+        failed = next((t for t in tasks if _failure(t) is not None), None)
+        if failed is not None:
+            raise _failure(failed)  # type: ignore[misc]
+
+    async def _stop_workers(self, tasks: list[asyncio.Task[None]]) -> None:
+        """Cancel every worker still running (each stops its runners, bounded) and wait."""
         for task in tasks:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks)
         # run() raises the failure that ended it; other workers that failed are only logged.
-        for task in tasks:
-            error = _failure(task)
-            if error is not None and task is not raised:
-                self._log.error("Scale set worker failed", task=task.get_name(), error=str(error))
+        failures = [t for t in tasks if _failure(t) is not None]
+        for task in failures[1:]:
+            self._log.error(
+                "Scale set worker failed", task=task.get_name(), error=str(_failure(task))
+            )
+
+    def _open_journal(self) -> Journal:
+        where = resolve_state_dir(self._state_dir, self._config.state_dir)
+        if where.warning:
+            self._log.warning(where.warning)
+        journal = Journal.open(where, logger=self._log.group("journal"))
+        self._log.info("Runner journal", path=str(journal.path), source=where.source)
+        unknown = sorted(
+            entry.name for entry in journal.entries() if entry.scale_set not in self._config.runners
+        )
+        if unknown:
+            # Their scale set is gone from the config, so there is no backend to stop them
+            # with; they stay in the journal until a config with that entry runs again.
+            self._log.warning(
+                "Journaled runners of scale sets not in the config are left alone",
+                runners=",".join(unknown),
+            )
+        return journal
+
+    def _close_journal(self) -> None:
+        if self.journal is not None:
+            self.journal.close()
 
 
 def _failure(task: asyncio.Task[None]) -> BaseException | None:
@@ -206,16 +338,23 @@ def _failure(task: asyncio.Task[None]) -> BaseException | None:
 async def serve(service: Service) -> None:
     """Run ``service`` until SIGINT or SIGTERM, then shut it down cleanly (bounded).
 
-    A second signal while shutting down is left to the default handler, so an impatient operator
-    can still interrupt a stuck shutdown.
+    The first signal drains (busy runners finish their jobs, up to the drain timeout); the
+    second stops every runner at once; after that the default handlers are back, so a third
+    signal interrupts even a stuck shutdown.
     """
     loop = asyncio.get_running_loop()
     signals = (signal.SIGINT, signal.SIGTERM)
 
     def on_signal(signum: int) -> None:
+        name = signal.Signals(signum).name
+        if service.stopping:
+            service._log.warning("Second signal: stopping every runner now", signal=name)
+            service.stop(drain=False)
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+            return
+        service._log.info("Signal received, shutting down", signal=name)
         service.stop()
-        for sig in signals:
-            loop.remove_signal_handler(sig)
 
     for sig in signals:
         loop.add_signal_handler(sig, on_signal, sig)

@@ -1,24 +1,34 @@
 """ScaleSetWorker: one runner entry of the config, as a scale set with a listener and a Scaler.
 
-Setup happens once: orphan cleanup, runner group lookup, get-or-create of the scale set (labels
-updated when they differ). Then the worker keeps a message session open and a listener polling
-it. When the session or the listener fails, the runners of that session are stopped and
-deregistered, and a new session is opened after a backoff, so a bad minute at GitHub does not end
-the farm. Scale sets are never deleted: the next start reuses them.
+The worker owns one :class:`~outrunner.scaler.Scaler` (and so every runner) for its whole life.
+Start-up, once: the runner journal's entries of this scale set are resolved (live environments
+are adopted, dead ones stopped and their registrations removed), then orphan cleanup removes
+environments no journal knows, then the scale set is looked up or created. After that the worker
+keeps a message session open and a listener polling it. When the session or the listener fails
+(GitHub down, the session expired, a 409 conflict), only the session is replaced, after a
+backoff; every runner keeps running, and the new session's messages reach the same Scaler.
+
+:meth:`ScaleSetWorker.drain` stops taking work: the listener advertises a capacity of 0, runners
+without a job are released, and :meth:`run` returns once the last busy runner has finished.
+Cancelling :meth:`run` deletes the session and stops every runner (bounded). Scale sets are never
+deleted: the next start reuses them.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+from outrunner._aio import cancel_and_wait
 from outrunner.config import RunnerConfig
+from outrunner.journal import JournalEntry, JournalPhase
 from outrunner.log import BoundLogger, get_logger
-from outrunner.provisioner import OrphanCleaner, Provisioner
-from outrunner.runner import RunnerSnapshot
-from outrunner.scaler import Scaler
+from outrunner.provisioner import Adopter, OrphanCleaner, Provisioner
+from outrunner.runner import RunnerPhase, RunnerSnapshot
+from outrunner.scaler import RunnerJournal, Scaler
 from outrunner.scaleset.errors import RetryExhaustedError, TransportError
 from outrunner.scaleset.listener import Listener
 from outrunner.scaleset.session import MessageSession
@@ -27,11 +37,24 @@ from outrunner.scaleset.types import (
     JitRunnerSetting,
     Label,
     RunnerGroup,
+    RunnerReference,
     RunnerScaleSet,
     RunnerSetting,
 )
 
-__all__ = ["Backoff", "ScaleSetWorker", "WorkerClient", "labels_match"]
+__all__ = ["Backoff", "JournalReader", "ScaleSetWorker", "WorkerClient", "labels_match"]
+
+SESSION_DELETE_TIMEOUT = 10.0
+"""Seconds the DELETE of a message session may take on the way out (GitHub may be down)."""
+STOP_TIMEOUT = 60.0
+"""Seconds stopping a dead journaled environment may take at start-up."""
+
+
+class JournalReader(RunnerJournal, Protocol):
+    """The journal as a worker uses it: the Scaler's writes plus reading this scale set's
+    entries back at start-up."""
+
+    def entries(self, scale_set: str | None = None) -> list[JournalEntry]: ...
 
 
 class WorkerClient(Protocol):
@@ -55,6 +78,8 @@ class WorkerClient(Protocol):
 
     async def remove_runner(self, runner_id: int) -> None: ...
 
+    async def get_runner_by_name(self, name: str) -> RunnerReference | None: ...
+
     async def create_message_session(self, scale_set_id: int, owner: str) -> MessageSession: ...
 
 
@@ -77,7 +102,7 @@ def labels_match(existing: tuple[Label, ...], desired: tuple[Label, ...]) -> boo
 
 
 class ScaleSetWorker:
-    """Runs one scale set until cancelled; cleans up its runners and session on the way out."""
+    """Runs one scale set until drained or cancelled; owns its Scaler and message sessions."""
 
     def __init__(
         self,
@@ -92,6 +117,8 @@ class ScaleSetWorker:
         backoff: Backoff | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         healthy_after: float = 300.0,
+        journal: JournalReader | None = None,
+        scaler: Scaler | None = None,
     ) -> None:
         self.runner = runner
         self.max_runners = max_runners
@@ -103,46 +130,129 @@ class ScaleSetWorker:
         self._backoff = backoff or Backoff()
         self._sleep = sleep
         self._healthy_after = healthy_after
-        self._scaler: Scaler | None = None
+        self._journal = journal
+        self.scaler = scaler or Scaler(
+            client,
+            max_runners=max_runners,
+            name_prefix=runner.name,
+            runner=runner,
+            provisioner=provisioner,
+            logger=self._log.group("scaler"),
+            journal=journal,
+        )
+        """The Scaler of this scale set, for the worker's whole life."""
+        self._listener: Listener | None = None
+        self._drain = asyncio.Event()
         self.scale_set: RunnerScaleSet | None = None
         self.ready = asyncio.Event()
         """Set once the scale set exists and the first session is listening."""
+        self.session_open = False
+        """True while a message session is open and its listener polls."""
 
     @property
     def name(self) -> str:
         return self.runner.name
 
+    @property
+    def draining(self) -> bool:
+        return self._drain.is_set()
+
     def runners(self) -> list[RunnerSnapshot]:
-        return [] if self._scaler is None else self._scaler.runners()
+        return self.scaler.runners()
+
+    def drain(self) -> None:
+        """Stop taking work; :meth:`run` returns once every busy runner has finished its job."""
+        self._drain.set()
+        self.scaler.drain()
+        if self._listener is not None:
+            # Capacity 0 tells GitHub to assign this scale set no further jobs.
+            self._listener.set_max_runners(0)
 
     async def run(self) -> None:
-        """Set up the scale set, then listen until cancelled.
+        """Recover, set up the scale set, then listen until drained (returns) or cancelled.
 
         Setup is retried with backoff while GitHub cannot be reached (every HTTP attempt failed
         in a retryable way); any other setup error (bad credentials, an unknown runner group) is
-        raised, since waiting will not fix it.
+        raised, since waiting will not fix it. Whatever ends it, every runner still tracked is
+        stopped and deregistered (bounded by ``shutdown_timeout``) and the session deleted.
         """
+        serving: asyncio.Task[None] | None = None
         try:
-            await self._clean_orphans()
-            scale_set = await self._set_up()
-            self.scale_set = scale_set
-            failures = 0
-            loop = asyncio.get_running_loop()
-            while True:
-                began = loop.time()
-                try:
-                    await self._listen(scale_set.id)
-                except Exception as exc:
-                    # Whatever broke the session (GitHub down, token trouble, a scaler error),
-                    # its runners are cleaned up by now; a new session is the way forward.
-                    if loop.time() - began >= self._healthy_after:
-                        failures = 0  # a session that served for a while starts a fresh count
-                    failures += 1
-                    delay = self._backoff.delay(failures)
-                    self._log.error("Listener failed, reconnecting", error=str(exc), retry_in=delay)
-                    await self._sleep(delay)
+            await self._recover()
+            serving = asyncio.create_task(self._set_up_and_serve(), name=f"serve:{self.name}")
+            drained = asyncio.create_task(self._drained(), name=f"drained:{self.name}")
+            try:
+                await asyncio.wait({serving, drained}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                await cancel_and_wait(drained)
+            if serving.done():
+                serving.result()  # it only ends by failing (a setup error waiting cannot fix)
+            self._log.info("Drained: every runner has finished")
         finally:
-            await self._provisioner.close()
+            # The session goes first, so GitHub assigns nothing more here while runners stop.
+            await cancel_and_wait(serving)
+            await self.scaler.shutdown(self._shutdown_timeout)
+
+    async def _set_up_and_serve(self) -> None:
+        scale_set = await self._set_up()
+        self.scale_set = scale_set
+        self.scaler.scale_set_id = scale_set.id
+        await self._serve_sessions(scale_set.id)
+
+    async def _drained(self) -> None:
+        await self._drain.wait()
+        await self.scaler.wait_empty()
+
+    # -- start-up ----------------------------------------------------------------------------
+
+    async def _recover(self) -> None:
+        """Resolve this scale set's journaled runners, then remove orphans (environments of
+        this scale set's names that no journal knows)."""
+        keep: list[str] = []
+        entries = self._journal.entries(self.name) if self._journal is not None else []
+        for entry in entries:
+            if await self._resume(entry):
+                keep.append(entry.name)
+        await self._clean_orphans(keep)
+
+    async def _resume(self, entry: JournalEntry) -> bool:
+        """Adopt a journaled runner whose environment lives, or clean it up; True when its
+        environment must be kept (adopted, or the backend could not tell)."""
+        log = self._log.bind(name=entry.name, runner_id=entry.runner_id, phase=str(entry.phase))
+        adoptable = entry.phase in (JournalPhase.IDLE, JournalPhase.RUNNING) and entry.runner_id
+        if adoptable and isinstance(self._provisioner, Adopter):
+            try:
+                adopted = await self._provisioner.adopt(entry.name, self.runner)
+            except Exception as exc:
+                # Not knowing is no reason to destroy what may be running a job: leave it and
+                # its journal entry for the next start.
+                log.error("Cannot tell whether a journaled runner is alive", error=str(exc))
+                return True
+            if adopted:
+                self.scaler.adopt(entry.name, entry.runner_id, RunnerPhase(entry.phase.value))
+                return True
+        if entry.phase not in (JournalPhase.REGISTERING, JournalPhase.DEREGISTERING):
+            log.info("Journaled runner is gone; cleaning up")
+            try:
+                async with asyncio.timeout(STOP_TIMEOUT):
+                    await self._provisioner.stop(entry.name)
+            except Exception as exc:
+                log.error("Failed to stop a journaled runner", error=str(exc))
+        self.scaler.deregister_later(entry.name, entry.runner_id)
+        return False
+
+    async def _clean_orphans(self, keep: Collection[str]) -> None:
+        if not isinstance(self._provisioner, OrphanCleaner):
+            return
+        prefix = f"{self.name}-"
+        if keep and isinstance(self._provisioner, Adopter):
+            removed = await self._provisioner.cleanup(prefix, keep=keep)
+        else:
+            removed = await self._provisioner.cleanup(prefix)
+        if removed:
+            self._log.warning(
+                "Removed orphaned runners", count=len(removed), names=",".join(removed)
+            )
 
     async def _set_up(self) -> RunnerScaleSet:
         failures = 0
@@ -154,15 +264,6 @@ class ScaleSetWorker:
                 delay = self._backoff.delay(failures)
                 self._log.error("GitHub unreachable during setup", error=str(exc), retry_in=delay)
                 await self._sleep(delay)
-
-    async def _clean_orphans(self) -> None:
-        if not isinstance(self._provisioner, OrphanCleaner):
-            return
-        removed = await self._provisioner.cleanup(f"{self.name}-")
-        if removed:
-            self._log.warning(
-                "Removed orphaned runners", count=len(removed), names=",".join(removed)
-            )
 
     async def _ensure_scale_set(self) -> RunnerScaleSet:
         group = await self._client.get_runner_group_by_name(self.runner.runner_group)
@@ -190,25 +291,67 @@ class ScaleSetWorker:
         self._log.info("Scale set ready", id=scale_set.id)
         return scale_set
 
-    async def _listen(self, scale_set_id: int) -> None:
-        session = await self._client.create_message_session(scale_set_id, self._owner)
-        scaler = Scaler(
-            self._client,
-            scale_set_id=scale_set_id,
-            max_runners=self.max_runners,
-            name_prefix=self.name,
-            runner=self.runner,
-            provisioner=self._provisioner,
-            logger=self._log.group("scaler"),
-        )
-        self._scaler = scaler
-        async with session:
+    # -- sessions ----------------------------------------------------------------------------
+
+    async def _serve_sessions(self, scale_set_id: int) -> None:
+        """Keep a session listening; a failed one is replaced after a backoff while every
+        runner keeps running."""
+        failures = 0
+        loop = asyncio.get_running_loop()
+        while True:
+            began = loop.time()
             try:
-                listener = Listener(session, max_runners=self.max_runners)
-                self._log.info("Listening for jobs", max_runners=self.max_runners)
-                self.ready.set()
-                await listener.run(scaler)
-            finally:
-                # Runners belong to the session that spawned them: stop and deregister them
-                # before the session is deleted (shutdown) or replaced (failure).
-                await scaler.shutdown(self._shutdown_timeout)
+                await self._listen(scale_set_id)
+            except Exception as exc:
+                if loop.time() - began >= self._healthy_after:
+                    failures = 0  # a session that served for a while starts a fresh count
+                failures += 1
+                delay = self._backoff.delay(failures)
+                self._log.error(
+                    "Listener failed, reconnecting; runners keep running",
+                    error=str(exc),
+                    retry_in=delay,
+                    runners=len(self.scaler.runners()),
+                    busy=self.scaler.busy_runners(),
+                )
+                await self._sleep(delay)
+
+    async def _listen(self, scale_set_id: int) -> None:
+        creating = asyncio.ensure_future(
+            self._client.create_message_session(scale_set_id, self._owner)
+        )
+        try:
+            session = await asyncio.shield(creating)
+        except asyncio.CancelledError:
+            # Stopped while the request was out: GitHub may have made the session anyway, and
+            # it would block the next start (409) until it expires. Finish and delete it.
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(SESSION_DELETE_TIMEOUT):
+                    session = await creating
+                await self._close_session(session)
+            raise
+        try:
+            capacity = 0 if self.draining else self.max_runners
+            # A new session starts from the queue's first undeleted message, as the Go
+            # listener does; handling a message twice is harmless (every handler is
+            # idempotent), skipping one is not.
+            listener = Listener(session, max_runners=capacity)
+            self._listener = listener
+            self.session_open = True
+            self._log.info("Listening for jobs", max_runners=capacity)
+            self.ready.set()
+            await listener.run(self.scaler)
+        finally:
+            self._listener = None
+            self.session_open = False
+            await self._close_session(session)
+
+    async def _close_session(self, session: MessageSession) -> None:
+        try:
+            async with asyncio.timeout(SESSION_DELETE_TIMEOUT):
+                await session.close()
+        except TimeoutError:
+            self._log.warning(
+                "Timed out deleting the message session; GitHub expires it by itself",
+                timeout=SESSION_DELETE_TIMEOUT,
+            )

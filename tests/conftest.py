@@ -55,6 +55,15 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+@pytest.fixture(autouse=True)
+def _state_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test gets its own runner journal directory (the default, /var/lib/outrunner, is the
+    machine's): Services, and run.py subprocesses started with os.environ, use it."""
+    path = tmp_path_factory.mktemp("state")
+    monkeypatch.setenv("OUTRUNNER_STATE_DIR", str(path))
+    return path
+
+
 def _missing_engine(problem: str, require_env: str = REQUIRE_ENV) -> None:
     if os.environ.get(require_env) == "1":
         pytest.fail(f"{problem} ({require_env}=1 makes this a failure)", pytrace=False)

@@ -30,6 +30,7 @@ from outrunner.scaleset import (
 from outrunner.scaleset.types import JobCompleted, JobStarted
 from outrunner.testing import Endpoint, FakeGitHub, InMemoryProvisioner, JobState, run_agent
 from outrunner.testing.fakegithub import RecordedRequest
+from outrunner.testing.fakegithub.endpoints import AGENT_ENDPOINTS
 
 pytestmark = pytest.mark.anyio
 
@@ -209,8 +210,10 @@ def check_request_log(requests: list[RecordedRequest], scale_set_id: int) -> Non
         assert r.auth_scheme == scheme, where
         assert r.auth_valid is not False, where
         # Ephemeral runners vanish server-side once their job completes, so the Scaler's
-        # deregistration may meet a 404 (AgentNotFound), which it treats as done.
-        ok = {404} if r.endpoint is Endpoint.DELETE_RUNNER else set()
+        # deregistration may meet a 404 (AgentNotFound), which it treats as done. The agent of an
+        # idle runner stopped and deregistered at shutdown may have a long-poll connect held by
+        # the fake, which answers it 404 (runner removed): that is the agent's request, not ours.
+        ok = {404} if r.endpoint in (Endpoint.DELETE_RUNNER, *AGENT_ENDPOINTS) else set()
         assert r.status is not None, where
         assert r.status < 400 or r.status in ok, where
         if body_keys is not None:
@@ -231,7 +234,8 @@ def check_request_log(requests: list[RecordedRequest], scale_set_id: int) -> Non
 
     assert seen[Endpoint.GENERATE_JIT] == 20
     assert seen[Endpoint.DELETE_RUNNER] == 20
-    assert seen[Endpoint.AGENT_COMPLETE] == 20
+    completed = [r for r in requests if r.endpoint is Endpoint.AGENT_COMPLETE and r.status == 200]
+    assert len(completed) == 20
     assert seen[Endpoint.CREATE_SESSION] == 1
     assert seen[Endpoint.DELETE_SESSION] == 1
     # Every delivered message was acknowledged exactly once, and in order.

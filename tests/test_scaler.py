@@ -12,8 +12,8 @@ import pytest
 from outrunner.config import DockerImage, RunnerConfig
 from outrunner.provisioner import RunnerRequest
 from outrunner.runner import RunnerPhase, RunnerSnapshot
-from outrunner.scaler import Scaler, ScalerError
-from outrunner.scaleset.errors import RunnerNotFoundError
+from outrunner.scaler import Scaler
+from outrunner.scaleset.errors import JobStillRunningError, RunnerNotFoundError
 from outrunner.scaleset.types import (
     JitRunnerConfig,
     JitRunnerSetting,
@@ -29,14 +29,31 @@ RUNNER = RunnerConfig(name="test", labels=("linux",), docker=DockerImage(image="
 
 
 class FakeClient:
-    """Records JIT and remove calls; can be made slow, gated or failing."""
+    """A scale set client: records JIT, lookup and remove calls; can be made slow, gated or
+    failing. ``registered`` holds the runners it registered and has not removed, so lookups by
+    name find them as GitHub would."""
 
     def __init__(self) -> None:
         self.next_id = 1
         self.jit_names: list[str] = []
+        self.registered: dict[str, int] = {}
+        self.lookups: list[str] = []
         self.removed: list[int] = []
+        """Every remove attempt's runner id, failed ones included, in order."""
         self.jit_error: Exception | None = None
+        self.lose_jit_answers = 0
+        """The next N JIT requests register the runner, then fail (an answer lost on the way)."""
         self.remove_error: Exception | None = None
+        """Raised by every remove attempt while set."""
+        self.remove_failures: list[Exception] = []
+        """Raised by the next remove attempts, one each, before ``remove_error`` applies."""
+        self.remove_hangs = 0
+        """The next N remove attempts never answer (until the Scaler's timeout cancels them)."""
+        self.busy: set[int] = set()
+        """Runners running a job: removing one answers 409 JobStillRunning, as GitHub does."""
+        self.on_remove: Callable[[int], None] | None = None
+        self.lookup_failures: list[Exception] = []
+        """Raised by the next lookups by name, one each."""
         self.jit_delay = 0.0
         self.jit_gate: asyncio.Event | None = None
         self.in_flight = 0
@@ -59,6 +76,10 @@ class FakeClient:
         runner_id = self.next_id
         self.next_id += 1
         self.jit_names.append(setting.name)
+        self.registered[setting.name] = runner_id
+        if self.lose_jit_answers:
+            self.lose_jit_answers -= 1
+            raise RuntimeError("connection reset by peer")
         return JitRunnerConfig(
             runner=RunnerReference(
                 id=runner_id, name=setting.name, runner_scale_set_id=scale_set_id
@@ -66,10 +87,27 @@ class FakeClient:
             encoded_jit_config="test-jit-config",
         )
 
+    async def get_runner_by_name(self, name: str) -> RunnerReference | None:
+        self.lookups.append(name)
+        if self.lookup_failures:
+            raise self.lookup_failures.pop(0)
+        runner_id = self.registered.get(name)
+        return None if runner_id is None else RunnerReference(id=runner_id, name=name)
+
     async def remove_runner(self, runner_id: int) -> None:
         self.removed.append(runner_id)
+        if self.on_remove is not None:
+            self.on_remove(runner_id)
+        if self.remove_hangs:
+            self.remove_hangs -= 1
+            await asyncio.Event().wait()
+        if self.remove_failures:
+            raise self.remove_failures.pop(0)
         if self.remove_error is not None:
             raise self.remove_error
+        if runner_id in self.busy:
+            raise JobStillRunningError(f"runner {runner_id} is running a job")
+        self.registered = {n: i for n, i in self.registered.items() if i != runner_id}
 
 
 def make_scaler(
@@ -217,15 +255,30 @@ async def test_desired_count_zero() -> None:
     await s.shutdown()
 
 
-async def test_jit_config_error() -> None:
-    """Go: TestJitConfigError. The error surfaces (it stops the listener) and nothing is tracked."""
+async def test_jit_config_error(caplog: pytest.LogCaptureFixture) -> None:
+    """Go: TestJitConfigError. Go returns the error from HandleDesiredRunnerCount, which stops
+    the listener and with it the message session. Here a failed JIT request fails its slot only:
+    it is logged, nothing is tracked, and the next demand signal fills the slot. A failed JIT
+    must never end the message session (issue 9): that session is what delivers the
+    JobCompleted messages of the runners already running jobs."""
     client, prov = FakeClient(), InMemoryProvisioner()
     client.jit_error = RuntimeError("GitHub API unavailable")
+    caplog.set_level(logging.ERROR, logger="outrunner")
     s = make_scaler(client, prov)
-    with pytest.raises(ScalerError, match="generate JIT config: GitHub API unavailable"):
-        await s.handle_desired_runner_count(1)
+    assert await s.handle_desired_runner_count(1) == 0
     assert s.runners() == []
+    assert prov.events == []
+    (failed,) = [r for r in caplog.records if r.getMessage() == "Failed to register runner"]
+    assert failed.levelno == logging.ERROR
+    assert failed.attrs["error"] == "GitHub API unavailable"  # type: ignore[attr-defined]
+    # The request may have reached GitHub before failing: the name is looked up, found absent.
+    name = failed.attrs["name"]  # type: ignore[attr-defined]
+    await eventually(lambda: s.pending_deregistrations() == [])
+    assert client.lookups == [name]
+    assert client.removed == []
     assert await s.handle_desired_runner_count(0) == 0
+    client.jit_error = None
+    assert await s.handle_desired_runner_count(1) == 1
     await s.shutdown()
 
 
@@ -338,6 +391,11 @@ async def test_count_includes_runners_being_added_by_other_calls() -> None:
 
 
 async def test_partial_jit_failure_keeps_the_runners_that_registered() -> None:
+    """Beyond Go, where a JIT error is returned from HandleDesiredRunnerCount (see
+    TestJitConfigError) and stops the listener: here the failed slot alone is lost, without an
+    exception (a failed JIT must never end the message session, issue 9). The two others are
+    tracked, the next call fills the slot, and the registration the lost answer left behind at
+    GitHub is found by name and removed in the background."""
     client, prov = FakeClient(), InMemoryProvisioner()
     calls = 0
     real = client.generate_jit_runner_config
@@ -346,17 +404,21 @@ async def test_partial_jit_failure_keeps_the_runners_that_registered() -> None:
         nonlocal calls
         calls += 1
         if calls == 2:
-            raise RuntimeError("boom")
+            client.lose_jit_answers = 1  # registered at GitHub, but the answer never arrives
         return await real(setting, scale_set_id)
 
     client.generate_jit_runner_config = flaky  # type: ignore[method-assign]
     s = make_scaler(client, prov)
-    with pytest.raises(ScalerError, match="boom"):
-        await s.handle_desired_runner_count(3)
+    assert await s.handle_desired_runner_count(3) == 2
     assert len(s.runners()) == 2
+    lost = next(name for name in client.jit_names if name not in {r.name for r in s.runners()})
+    lost_id = dict(zip(client.jit_names, range(1, 4), strict=True))[lost]
+    await eventually(lambda: s.pending_deregistrations() == [])
+    assert client.lookups == [lost]
+    assert client.removed == [lost_id]
     assert await s.handle_desired_runner_count(3) == 3
     await s.shutdown()
-    assert sorted(client.removed) == [1, 2, 3]
+    assert sorted(client.removed) == [1, 2, 3, 4]
 
 
 async def test_shutdown_while_jit_in_flight_deregisters_and_starts_nothing() -> None:
@@ -518,14 +580,17 @@ async def test_environment_that_dies_is_stopped_and_deregistered(
         return None  # the runner process ends at once, without ever taking a job
 
     prov = InMemoryProvisioner(workload=crashes)
-    caplog.set_level(logging.WARNING, logger="outrunner")
+    caplog.set_level(logging.INFO, logger="outrunner")
     s = make_scaler(client, prov, watch_interval=0.02)
     await s.handle_desired_runner_count(1)
     name = s.runners()[0].name
     await eventually(lambda: s.runners() == [])
     assert prov.stopped == [name]
-    assert client.removed == [1]
-    assert "Runner environment ended without a completed job" in caplog.messages
+    await eventually(lambda: client.removed == [1])
+    ended = [r for r in caplog.records if r.getMessage().startswith("Runner environment")]
+    assert [(r.levelno, r.getMessage()) for r in ended] == [
+        (logging.WARNING, "Runner environment ended without running a job")
+    ]
     # The freed slot is filled again on the next demand signal.
     assert await s.handle_desired_runner_count(1) == 1
     await s.shutdown()
@@ -534,23 +599,27 @@ async def test_environment_that_dies_is_stopped_and_deregistered(
 async def test_job_completed_just_after_the_environment_ended_is_not_a_death(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """A runner exits right after its job, a moment before GitHub's JobCompleted arrives: the
+    exit ends it (logged at info, it ran a job), and the late message is harmless."""
     client, gate = FakeClient(), asyncio.Event()
 
     async def finishes(request: RunnerRequest) -> None:
         await gate.wait()
 
     prov = InMemoryProvisioner(workload=finishes)
-    caplog.set_level(logging.WARNING, logger="outrunner")
+    caplog.set_level(logging.INFO, logger="outrunner")
     s = make_scaler(client, prov, watch_interval=0.2)
     await s.handle_desired_runner_count(1)
     await eventually(lambda: phases(s) == [RunnerPhase.IDLE])
     name = s.runners()[0].name
-    gate.set()  # the runner process ends ...
-    await asyncio.sleep(0.25)  # ... the watcher notices ...
-    await s.handle_job_completed(
-        JobCompleted(runner_name=name, result="succeeded")
-    )  # ... then GitHub
+    await s.handle_job_started(JobStarted(runner_name=name))
+    gate.set()  # the runner process ends after its job ...
     await eventually(lambda: s.runners() == [])
-    assert "Runner environment ended without a completed job" not in caplog.messages
+    await s.handle_job_completed(JobCompleted(runner_name=name, result="succeeded"))  # ... then
+    await eventually(lambda: s.pending_deregistrations() == [])
+    assert "Runner environment ended without running a job" not in caplog.messages
+    (exited,) = [r for r in caplog.records if r.getMessage() == "Runner environment exited"]
+    assert exited.levelno == logging.INFO
+    assert prov.stopped == [name]
     assert client.removed == [1]
     await s.shutdown()

@@ -250,7 +250,9 @@ async def test_worker_reconnects_after_a_session_conflict_and_a_broken_session()
             await gh.wait_until_jobs_completed_async(2, timeout=10)
             task.cancel()
             await asyncio.wait({task})
-        assert provisioner.closed
+        # The worker stops its runners but leaves its provisioner open: whoever built it (the
+        # Service) closes it.
+        assert not provisioner.closed
         assert provisioner.environments == {}
         assert gh.sessions() == []
         assert gh.runners() == []
@@ -389,3 +391,183 @@ async def test_reconnect_backoff_restarts_after_a_healthy_session(
             with pytest.raises(asyncio.CancelledError):
                 await worker.run()
         assert sleeps == expected
+
+
+# -- drain (issue 9): the first stop lets busy runners finish, the second stops them ----------
+
+
+def drain_service(gh: FakeGitHub, **kw: object) -> tuple[Service, dict[str, InMemoryProvisioner]]:
+    provisioners: dict[str, InMemoryProvisioner] = {}
+    config = Config(url=gh.config_url(), runners={"linux": runner(max_runners=3)})
+    service = Service(
+        config,
+        token=TOKEN,
+        provisioner_factory=memory_factory(provisioners),
+        client_factory=fast_client,
+        **kw,  # type: ignore[arg-type]
+    )
+    return service, provisioners
+
+
+async def busy(service: Service, gh: FakeGitHub, durations: list[float]) -> list[int]:
+    """Queue the jobs; return once the Service knows every one of them runs (JobStarted)."""
+    jobs = [gh.queue_job(["linux"], duration=d) for d in durations]
+    async with asyncio.timeout(10):
+        while service.state().busy_runners < len(jobs):
+            await asyncio.sleep(0.02)
+    return jobs
+
+
+async def test_stop_drains_busy_runners_and_registers_no_new_one() -> None:
+    async with FakeGitHub(pat=TOKEN, long_poll_timeout=0.3) as gh:
+        service, provisioners = drain_service(gh)
+        task = asyncio.create_task(service.run())
+        async with asyncio.timeout(10):
+            await service.wait_ready()
+        jobs = await busy(service, gh, [1.0, 1.5, 2.0])
+        behind = gh.queue_job(["linux"], duration=0.1)
+        jit_requests = len(gh.requests_to(Endpoint.GENERATE_JIT))
+        service.stop()
+        await asyncio.sleep(0.1)
+        state = service.state()
+        assert state.stopping
+        assert state.draining
+        assert state.busy_runners == 3
+        assert state.drain_deadline is not None
+        async with asyncio.timeout(20):
+            await task
+        assert [gh.job(j).result for j in jobs] == ["succeeded"] * 3
+        assert gh.job(behind).runner_name is None  # left for another runner manager
+        assert len(gh.requests_to(Endpoint.GENERATE_JIT)) == jit_requests
+        assert provisioners["linux"].environments == {}
+        assert gh.runners() == []
+        assert gh.sessions() == []
+        # While draining, the listener told GitHub it takes no more jobs.
+        polls = gh.requests_to(Endpoint.GET_MESSAGE)
+        assert polls[-1].headers.get("X-ScaleSetMaxCapacity") == "0"
+
+
+async def test_drain_releases_idle_runners_deregistering_them_before_stopping_them() -> None:
+    async with FakeGitHub(pat=TOKEN, long_poll_timeout=0.3) as gh:
+        provisioners: dict[str, InMemoryProvisioner] = {}
+
+        def factory(entry: RunnerConfig) -> Provisioner:
+            # No workload: the environment never connects, so its runner stays idle.
+            provisioners[entry.name] = InMemoryProvisioner()
+            return provisioners[entry.name]
+
+        config = Config(url=gh.config_url(), runners={"linux": runner(max_runners=2)})
+        service = Service(
+            config, token=TOKEN, provisioner_factory=factory, client_factory=fast_client
+        )
+        task = asyncio.create_task(service.run())
+        async with asyncio.timeout(10):
+            await service.wait_ready()
+        gh.queue_job(["linux"])
+        gh.queue_job(["linux"])
+        await gh.wait_for_async(lambda: len(provisioners["linux"].started) == 2, timeout=10)
+        gh.clear_requests()
+        service.stop()
+        async with asyncio.timeout(10):
+            await task
+        assert service.state().busy_runners == 0
+        deleted = {r.path.rsplit("/", 1)[-1] for r in gh.requests_to(Endpoint.DELETE_RUNNER)}
+        assert len(deleted) == 2
+        assert sorted(provisioners["linux"].stopped) == sorted(provisioners["linux"].started)
+        assert gh.runners() == []
+        assert gh.sessions() == []
+
+
+async def test_a_second_stop_stops_busy_runners_at_once() -> None:
+    async with FakeGitHub(pat=TOKEN, long_poll_timeout=0.3, remove_agent_on_completion=True) as gh:
+        service, provisioners = drain_service(gh)
+        task = asyncio.create_task(service.run())
+        async with asyncio.timeout(10):
+            await service.wait_ready()
+        await busy(service, gh, [60.0, 60.0])
+        service.stop()
+        await asyncio.sleep(0.2)
+        assert service.state().draining
+        service.stop()
+        assert not service.state().draining
+        async with asyncio.timeout(15):
+            await task
+        assert provisioners["linux"].environments == {}
+        assert gh.sessions() == []
+
+
+async def test_drain_timeout_stops_what_is_left() -> None:
+    async with FakeGitHub(pat=TOKEN, long_poll_timeout=0.3) as gh:
+        service, provisioners = drain_service(gh, drain_timeout=0.5)
+        task = asyncio.create_task(service.run())
+        async with asyncio.timeout(10):
+            await service.wait_ready()
+        await busy(service, gh, [60.0])
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        service.stop()
+        async with asyncio.timeout(15):
+            await task
+        assert 0.5 <= loop.time() - began < 10
+        assert provisioners["linux"].environments == {}
+
+
+async def test_drain_timeout_zero_is_an_immediate_stop() -> None:
+    async with FakeGitHub(pat=TOKEN, long_poll_timeout=0.3) as gh:
+        service, provisioners = drain_service(gh, drain_timeout=0)
+        task = asyncio.create_task(service.run())
+        async with asyncio.timeout(10):
+            await service.wait_ready()
+        await busy(service, gh, [60.0])
+        service.stop()
+        assert not service.state().draining
+        async with asyncio.timeout(10):
+            await task
+        assert provisioners["linux"].environments == {}
+
+
+async def test_serve_drains_on_the_first_signal_and_stops_on_the_second() -> None:
+    async with FakeGitHub(pat=TOKEN, long_poll_timeout=0.3) as gh:
+        service, provisioners = drain_service(gh)
+        serving = asyncio.create_task(serve(service))
+        async with asyncio.timeout(10):
+            await service.wait_ready()
+        await busy(service, gh, [60.0])
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.sleep(0.3)
+        assert service.state().draining
+        assert not serving.done()
+        os.kill(os.getpid(), signal.SIGINT)
+        async with asyncio.timeout(15):
+            await serving
+        assert provisioners["linux"].environments == {}
+        assert gh.sessions() == []
+
+
+def test_drain_timeout_must_not_be_negative() -> None:
+    with pytest.raises(ConfigError, match="--drain-timeout must be 0 or more, got -1"):
+        Service(Config(runners={"linux": runner()}), drain_timeout=-1)
+
+
+async def test_a_torn_and_corrupt_journal_is_reported_and_never_stops_the_start(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    state_dir = Path(os.environ["OUTRUNNER_STATE_DIR"])
+    (state_dir / "runners.journal").write_bytes(
+        b"\x00\xffgarbage that is not JSON\n"
+        b'{"v":1,"op":"put","scale_set":"linux","name":"linux-0a1b2c3d","runner_id":7,'
+        b'"backend":"docker","phase":"deregistering","updated_at":1.0}\n'
+        b'{"v":1,"op":"put","scale_set":"linux","name":"linux-torn'
+    )
+    caplog.set_level(logging.WARNING, logger="outrunner")
+    async with FakeGitHub(pat=TOKEN, long_poll_timeout=0.3) as gh:
+        service, _ = drain_service(gh)
+        async with running(service):
+            gh.queue_job(["linux"], duration=0.05)
+            await gh.wait_until_jobs_completed_async(1, timeout=10)
+            # The readable entry is acted on: its registration is gone (404), so forgotten.
+            assert service.journal is not None
+            await gh.wait_for_async(lambda: service.journal.get("linux-0a1b2c3d") is None)
+    # One warning each for the corrupt first line and the torn last one.
+    assert caplog.messages.count("Ignored part of the runner journal") == 2, caplog.messages
+    assert gh.jobs()[0].result == "succeeded"

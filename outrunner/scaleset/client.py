@@ -49,6 +49,7 @@ SCALE_SETS = "_apis/runtime/runnerscalesets"
 RUNNERS = "_apis/distributedtask/pools/0/agents"
 RUNNER_GROUPS = "_apis/runtime/runnergroups/"  # the trailing slash is part of the route
 DEFAULT_TIMEOUT = 300.0  # per attempt; well above the ~50 s long poll
+CONNECT_TIMEOUT = 30.0  # establishing a connection, within an attempt
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -125,7 +126,9 @@ class Client:
             proxy=proxy,
             verify=verify,
             transport=transport,
-            timeout=httpx.Timeout(timeout),
+            # An unreachable host must not hold a shutdown for the whole attempt timeout (which
+            # must stay above the ~50 s long poll).
+            timeout=httpx.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT)),
             follow_redirects=True,  # like Go's http.Client, which the Go library uses
             max_redirects=10,
         )
