@@ -242,6 +242,7 @@ class _Problem(NamedTuple):
 
 class _Replay(NamedTuple):
     live: dict[str, JournalEntry]
+    sessions: dict[str, str]
     records: int
     problems: list[_Problem]
     more_problems: int
@@ -252,8 +253,11 @@ def _excerpt(line: bytes) -> str:
     return text + "..." if len(line) > _EXCERPT_BYTES else text
 
 
-def _apply(line: bytes, live: dict[str, JournalEntry]) -> tuple[bool, str | None]:
-    """Apply one record to ``live``: (whether it was applied, what was wrong with it or None)."""
+def _apply(
+    line: bytes, live: dict[str, JournalEntry], sessions: dict[str, str]
+) -> tuple[bool, str | None]:
+    """Apply one record to ``live`` or ``sessions``: (whether it was applied, what was wrong with
+    it or None)."""
     try:
         record = json.loads(line.decode("utf-8"))
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
@@ -280,6 +284,15 @@ def _apply(line: bytes, live: dict[str, JournalEntry]) -> tuple[bool, str | None
             return False, "invalid forget record (name must be a non-empty string), skipped"
         live.pop(name, None)
         return True, None
+    if op == "session":
+        scale_set, session_id = record.get("scale_set"), record.get("session_id")
+        if not isinstance(scale_set, str) or not scale_set or not isinstance(session_id, str):
+            return False, "invalid session record (scale_set, session_id must be strings), skipped"
+        if session_id:
+            sessions[scale_set] = session_id
+        else:
+            sessions.pop(scale_set, None)
+        return True, None
     return False, f"unknown op {op!r} (written by a newer outrunner?), skipped"
 
 
@@ -288,6 +301,7 @@ def _replay(data: bytes) -> _Replay:
     lines = data.split(b"\n")
     tail = lines.pop()  # b"" when the data ends with a newline or is empty
     live: dict[str, JournalEntry] = {}
+    sessions: dict[str, str] = {}
     problems: list[_Problem] = []
     more = 0
 
@@ -299,7 +313,7 @@ def _replay(data: bytes) -> _Replay:
             more += 1
 
     for number, line in enumerate(lines, 1):
-        applied, reason = _apply(line, live)
+        applied, reason = _apply(line, live, sessions)
         if reason is None:
             continue
         if not applied and number == len(lines) and not tail:
@@ -313,7 +327,7 @@ def _replay(data: bytes) -> _Replay:
             len(lines) + 1,
             f"torn last record ignored ({len(tail)} bytes without a newline): {_excerpt(tail)}",
         )
-    return _Replay(live, len(lines) + (1 if tail else 0), problems, more)
+    return _Replay(live, sessions, len(lines) + (1 if tail else 0), problems, more)
 
 
 # One encoder for every record: json.dumps with arguments builds a new one per call.
@@ -341,6 +355,12 @@ def _put_line(entry: JournalEntry) -> bytes:
 
 def _forget_line(name: str) -> bytes:
     return _line({"v": FORMAT_VERSION, "op": "forget", "name": name})
+
+
+def _session_line(scale_set: str, session_id: str) -> bytes:
+    return _line(
+        {"v": FORMAT_VERSION, "op": "session", "scale_set": scale_set, "session_id": session_id}
+    )
 
 
 def _read_all(fd: int) -> bytes:
@@ -389,6 +409,7 @@ class Journal:
         self._where = where
         self._fd = -1
         self._live: dict[str, JournalEntry] = {}
+        self._sessions: dict[str, str] = {}
         self._records = 0  # records in the file, including replaced and forgotten ones
         self._stale = False  # a write failed: the file lags the memory until a rewrite succeeds
         self._problems: tuple[str, ...] = ()
@@ -452,6 +473,24 @@ class Journal:
     def get(self, name: str) -> JournalEntry | None:
         """The live entry named ``name``, if any."""
         return self._live.get(name)
+
+    def sessions(self) -> dict[str, str]:
+        """Scale set name -> id of the message session this process (or a crashed one) has
+        open there; after a crash, the next start deletes it instead of waiting for GitHub to
+        expire it."""
+        return dict(self._sessions)
+
+    def record_session(self, scale_set: str, session_id: str) -> None:
+        """Remember the open message session of ``scale_set``; ``""`` once it is deleted.
+        Raises :class:`ValueError` once closed."""
+        self._check_open()
+        if self._sessions.get(scale_set, "") == session_id:
+            return
+        if session_id:
+            self._sessions[scale_set] = session_id
+        else:
+            del self._sessions[scale_set]
+        self._write(_session_line(scale_set, session_id))
 
     def record(self, entry: JournalEntry) -> None:
         """Insert ``entry``, or replace the entry of the same name (keeping its position).
@@ -536,6 +575,7 @@ class Journal:
                 os.close(fd)
         replay = _replay(data)
         self._live = replay.live
+        self._sessions = replay.sessions
         problems = [f"{self._path}:{p.line}: {p.reason}" for p in replay.problems]
         for p in replay.problems:
             self._log.warning(
@@ -590,7 +630,8 @@ class Journal:
                 )
             else:
                 self._records += 1
-                if self._records <= max(_COMPACT_MIN_RECORDS, _COMPACT_FACTOR * len(self._live)):
+                live = len(self._live) + len(self._sessions)
+                if self._records <= max(_COMPACT_MIN_RECORDS, _COMPACT_FACTOR * live):
                     return
         self._rewrite()
 
@@ -606,7 +647,8 @@ class Journal:
             )
 
     def _compact(self) -> None:
-        """Atomically replace the file with one put per live entry.
+        """Atomically replace the file with one put per live entry and one session record per
+        open session.
 
         A crash at any point leaves either the old file or the new one under the journal's name
         (the rename is atomic), plus at worst the temp file, which the next compaction removes.
@@ -620,7 +662,11 @@ class Journal:
         fd = os.open(temp, flags, 0o600)
         try:
             os.fchmod(fd, 0o600)  # whatever the umask
-            _write_all(fd, b"".join(_put_line(e) for e in self._live.values()))
+            _write_all(
+                fd,
+                b"".join(_put_line(e) for e in self._live.values())
+                + b"".join(_session_line(k, v) for k, v in self._sessions.items()),
+            )
             if self._durable:
                 os.fsync(fd)
             os.replace(temp, self._path)
@@ -630,7 +676,7 @@ class Journal:
                 os.unlink(temp)
             raise
         old, self._fd = self._fd, fd
-        self._records = len(self._live)
+        self._records = len(self._live) + len(self._sessions)
         self._stale = False
         if old >= 0:
             with contextlib.suppress(OSError):  # the new file is in place whatever this says

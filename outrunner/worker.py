@@ -29,7 +29,7 @@ from outrunner.log import BoundLogger, get_logger
 from outrunner.provisioner import Adopter, OrphanCleaner, Provisioner
 from outrunner.runner import RunnerPhase, RunnerSnapshot
 from outrunner.scaler import RunnerJournal, Scaler
-from outrunner.scaleset.errors import RetryExhaustedError, TransportError
+from outrunner.scaleset.errors import RetryExhaustedError, SessionExpiredError, TransportError
 from outrunner.scaleset.listener import Listener
 from outrunner.scaleset.session import MessageSession
 from outrunner.scaleset.types import (
@@ -51,10 +51,14 @@ STOP_TIMEOUT = 60.0
 
 
 class JournalReader(RunnerJournal, Protocol):
-    """The journal as a worker uses it: the Scaler's writes plus reading this scale set's
-    entries back at start-up."""
+    """The journal as a worker uses it: the Scaler's writes, this scale set's entries read back
+    at start-up, and the id of its open message session."""
 
     def entries(self, scale_set: str | None = None) -> list[JournalEntry]: ...
+
+    def sessions(self) -> dict[str, str]: ...
+
+    def record_session(self, scale_set: str, session_id: str) -> None: ...
 
 
 class WorkerClient(Protocol):
@@ -81,6 +85,8 @@ class WorkerClient(Protocol):
     async def get_runner_by_name(self, name: str) -> RunnerReference | None: ...
 
     async def create_message_session(self, scale_set_id: int, owner: str) -> MessageSession: ...
+
+    async def delete_message_session(self, scale_set_id: int, session_id: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -197,7 +203,29 @@ class ScaleSetWorker:
         scale_set = await self._set_up()
         self.scale_set = scale_set
         self.scaler.scale_set_id = scale_set.id
+        await self._delete_stale_session(scale_set.id)
         await self._serve_sessions(scale_set.id)
+
+    async def _delete_stale_session(self, scale_set_id: int) -> None:
+        """Delete the session a crashed process left open, so this one can listen now instead
+        of meeting 409 conflicts until GitHub expires it."""
+        stale = self._journal.sessions().get(self.name) if self._journal is not None else None
+        if not stale:
+            return
+        try:
+            async with asyncio.timeout(SESSION_DELETE_TIMEOUT):
+                await self._client.delete_message_session(scale_set_id, stale)
+        except SessionExpiredError:
+            pass  # GitHub expired it already
+        except Exception as exc:  # it expires by itself; meanwhile the 409s are retried
+            self._log.warning(
+                "Cannot delete the message session of an earlier run",
+                session_id=stale,
+                error=str(exc),
+            )
+            return
+        self._log.info("Deleted the message session of an earlier run", session_id=stale)
+        self._remember_session("")
 
     async def _drained(self) -> None:
         await self._drain.wait()
@@ -335,6 +363,7 @@ class ScaleSetWorker:
             # A new session starts from the queue's first undeleted message, as the Go
             # listener does; handling a message twice is harmless (every handler is
             # idempotent), skipping one is not.
+            self._remember_session(session.session.session_id)
             listener = Listener(session, max_runners=capacity)
             self._listener = listener
             self.session_open = True
@@ -349,9 +378,27 @@ class ScaleSetWorker:
     async def _close_session(self, session: MessageSession) -> None:
         try:
             async with asyncio.timeout(SESSION_DELETE_TIMEOUT):
-                await session.close()
+                await session.delete()
+        except SessionExpiredError:
+            pass  # GitHub dropped it already (it expired, or it is why the listener failed)
         except TimeoutError:
             self._log.warning(
-                "Timed out deleting the message session; GitHub expires it by itself",
+                "Timed out deleting the message session; the next start deletes it",
                 timeout=SESSION_DELETE_TIMEOUT,
             )
+            return
+        except Exception as exc:
+            self._log.warning(
+                "Failed to delete the message session; the next start deletes it",
+                error=str(exc),
+            )
+            return
+        self._remember_session("")
+
+    def _remember_session(self, session_id: str) -> None:
+        if self._journal is None:
+            return
+        try:
+            self._journal.record_session(self.name, session_id)
+        except Exception as exc:  # the journal's trouble is no reason to stop listening
+            self._log.error("Cannot write the runner journal", error=str(exc))

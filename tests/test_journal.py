@@ -583,3 +583,39 @@ def test_an_unusable_explicit_state_dir_is_an_error_naming_its_setting(
     with pytest.raises(JournalError) as raised:
         Journal.open(resolved)
     assert str(raised.value).startswith(f"state dir {bad} (from {source}) cannot be used: ")
+
+
+# ---------------------------------------------------------------------------------------------
+# Message sessions (deleted by the next start after a crash)
+
+
+def test_sessions_survive_a_reopen_and_compaction_and_clear_with_an_empty_id(
+    tmp_path: Path,
+) -> None:
+    with Journal.open(tmp_path, durable=False) as journal:
+        journal.record(THREE[0])
+        journal.record_session("linux", "session-a")
+        journal.record_session("arm", "session-b")
+        journal.record_session("linux", "session-c")  # a replacement session
+        journal.record_session("linux", "session-c")  # unchanged: nothing written
+        assert len(lines_of(tmp_path)) == 4
+    with Journal.open(tmp_path, durable=False) as journal:  # open compacts
+        assert journal.sessions() == {"linux": "session-c", "arm": "session-b"}
+        assert journal.entries() == [THREE[0]]
+        assert journal.problems == ()
+        assert len(lines_of(tmp_path)) == 3
+        journal.record_session("arm", "")
+    with Journal.open(tmp_path, durable=False) as journal:
+        assert journal.sessions() == {"linux": "session-c"}
+
+
+def test_an_invalid_session_record_is_reported_and_skipped(tmp_path: Path) -> None:
+    (tmp_path / JOURNAL_FILE).write_bytes(
+        b'{"v":1,"op":"session","scale_set":"","session_id":"x"}\n'
+        b'{"v":1,"op":"session","scale_set":"linux","session_id":7}\n'
+        b'{"v":1,"op":"session","scale_set":"linux","session_id":"ok"}\n'
+    )
+    with Journal.open(tmp_path, durable=False) as journal:
+        assert journal.sessions() == {"linux": "ok"}
+        assert len(journal.problems) == 2
+        assert all("invalid session record" in p for p in journal.problems)

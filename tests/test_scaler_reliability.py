@@ -42,6 +42,16 @@ class FakeJournal:
         self.held: dict[str, JournalEntry] = {entry.name: entry for entry in entries}
         self.writes: list[tuple[str, JournalEntry | None]] = []
         """``(name, entry)`` of every record, ``(name, None)`` of every forget."""
+        self.open_sessions: dict[str, str] = {}
+
+    def sessions(self) -> dict[str, str]:
+        return dict(self.open_sessions)
+
+    def record_session(self, scale_set: str, session_id: str) -> None:
+        if session_id:
+            self.open_sessions[scale_set] = session_id
+        else:
+            self.open_sessions.pop(scale_set, None)
 
     def record(self, entry: JournalEntry) -> None:
         self.held[entry.name] = entry

@@ -211,3 +211,40 @@ async def test_drain_returns_once_the_busy_runner_has_finished() -> None:
         assert capacities[-1] == "0"
         # Once it said 0, it never said anything else again.
         assert set(capacities[capacities.index("0") :]) == {"0"}
+
+
+async def test_start_up_deletes_the_session_a_crashed_run_left_open() -> None:
+    """After ``kill -9`` the old session lives on at GitHub; the journal names it, so the new
+    run deletes it and listens at once instead of meeting 409 conflicts until it expires."""
+    async with FakeGitHub(pat=TOKEN, long_poll_timeout=0.3) as gh:
+        scale_set = gh.create_scale_set("linux", ["linux"])
+        async with fast_client(gh.config_url(), TOKEN) as client:
+            stale = await client.create_message_session(scale_set, "me")
+            journal = FakeJournal()
+            journal.open_sessions["linux"] = stale.session.session_id
+            sleeps: list[float] = []
+
+            async def no_sleep(delay: float) -> None:
+                sleeps.append(delay)
+                await asyncio.sleep(0)
+
+            worker = ScaleSetWorker(
+                client,
+                runner(),
+                max_runners=1,
+                provisioner=InMemoryProvisioner(),
+                owner="me",
+                journal=journal,
+                sleep=no_sleep,
+            )
+            task = asyncio.create_task(worker.run())
+            async with asyncio.timeout(10):
+                await worker.ready.wait()
+            assert sleeps == []  # no 409 to wait out
+            (session,) = gh.sessions()
+            assert session.session_id != stale.session.session_id
+            assert journal.open_sessions == {"linux": session.session_id}
+            task.cancel()
+            await asyncio.wait({task})
+        assert gh.sessions() == []
+        assert journal.open_sessions == {}

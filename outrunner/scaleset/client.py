@@ -262,6 +262,11 @@ class Client:
         """Open the scale set's message session; a second one raises ``SessionConflictError``."""
         return await MessageSession.create(self, scale_set_id, owner)
 
+    async def delete_message_session(self, scale_set_id: int, session_id: str) -> None:
+        """DELETE a session by id (204), e.g. one a crashed process left open; an unknown or
+        expired one raises ``SessionExpiredError``."""
+        await self._call("DELETE", f"{SCALE_SETS}/{scale_set_id}/sessions/{session_id}", expect=204)
+
     # ------------------------------------------------------------------------------ plumbing
 
     async def _send(
