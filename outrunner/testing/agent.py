@@ -16,6 +16,11 @@ or as a process, the way a provisioner starts the real runner::
     python -m outrunner.testing.agent --jitconfig <encoded>
     ACTIONS_RUNNER_INPUT_JITCONFIG=<encoded> python -m outrunner.testing.agent
 
+Like the real runner with its broker connection, it rides out outages: a 5xx answer or a transport
+error (connection refused, reset, closed without an answer) is retried with a short backoff (0.2 s
+doubling to 2 s) for up to ``retry_for`` seconds (``--retry-for``, default 600) per call; 4xx
+answers are final (401 unknown credential, 404 runner removed, 409 credential already used).
+
 The process exits 0 once its job is reported (whatever the job's result, like the real runner),
 1 with an ``outrunner-agent: error: ...`` line on stderr otherwise, 2 on bad usage. The JIT config
 is a credential and is never printed.
@@ -27,7 +32,9 @@ import argparse
 import asyncio
 import base64
 import binascii
+import contextlib
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -37,16 +44,21 @@ from typing import Any
 
 import httpx
 
+from outrunner._aio import backoff
+
 JIT_CONFIG_ENV = "ACTIONS_RUNNER_INPUT_JITCONFIG"
 # The busybox twin of this module, to copy into tiny runner images.
 SHELL_AGENT = Path(__file__).with_name("agent.sh")
 DEFAULT_POLL_TIMEOUT = 30.0
-# Transport failures (a dropped connection) are retried this many times, as a real runner
-# retries its broker connection; HTTP error answers are final.
-_TRANSPORT_RETRIES = 3
-_RETRY_DELAY = 0.2
+# How long one call keeps retrying 5xx answers and transport errors, as a real runner keeps
+# retrying its broker connection through an outage.
+DEFAULT_RETRY_FOR = 600.0
+_RETRY_FIRST = 0.2
+_RETRY_MAX = 2.0
 _CONNECT_TIMEOUT = 10.0
 _PROG = "outrunner-agent"
+
+_log = logging.getLogger(__name__)
 
 
 class AgentError(Exception):
@@ -106,23 +118,48 @@ def _parse_lines(text: str) -> dict[str, str]:
     return fields
 
 
+@dataclass(frozen=True, kw_only=True)
+class _Agent:
+    """One agent run: what each of its requests needs."""
+
+    client: httpx.AsyncClient
+    config: JitConfig
+    poll_timeout: float
+    retry_for: float
+
+
 async def _post(
-    client: httpx.AsyncClient,
-    url: str,
-    config: JitConfig,
-    data: dict[str, str],
-    read_timeout: float,
+    agent: _Agent, path: str, data: dict[str, str], read_timeout: float
 ) -> httpx.Response:
+    """POST to the fake; 5xx answers and transport errors are retried for ``agent.retry_for``
+    seconds from the first failure. Returns the last answer (a 5xx one once retries ran out);
+    raises AgentError when the last attempt got no answer."""
+    url = f"{agent.config.url}{path}"
     timeout = httpx.Timeout(_CONNECT_TIMEOUT, read=read_timeout)
-    headers = {"Authorization": f"Bearer {config.credential}"}
-    for attempt in range(_TRANSPORT_RETRIES + 1):
+    headers = {"Authorization": f"Bearer {agent.config.credential}"}
+    loop = asyncio.get_running_loop()
+    deadline: float | None = None
+    delays = backoff(_RETRY_FIRST, _RETRY_MAX)
+    while True:
         try:
-            return await client.post(url, data=data, headers=headers, timeout=timeout)
+            response = await agent.client.post(url, data=data, headers=headers, timeout=timeout)
         except httpx.TransportError as error:
-            if attempt == _TRANSPORT_RETRIES:
-                raise AgentError(f"POST {url} failed: {error!r}") from error
-            await asyncio.sleep(_RETRY_DELAY)
-    raise AssertionError("unreachable")
+            failure: httpx.TransportError | None = error
+            problem = repr(error)
+        else:
+            if response.status_code < 500:
+                return response
+            failure, problem = None, f"HTTP {response.status_code}"
+        now = loop.time()
+        if deadline is None:
+            deadline = now + agent.retry_for
+        if now >= deadline:
+            if failure is not None:
+                raise AgentError(f"POST {url} failed: {problem}") from failure
+            return response
+        delay = min(next(delays), deadline - now)
+        _log.info("POST %s: %s; retrying in %.1f s", url, problem, delay)
+        await asyncio.sleep(delay)
 
 
 def _refused(what: str, response: httpx.Response) -> AgentError:
@@ -130,14 +167,10 @@ def _refused(what: str, response: httpx.Response) -> AgentError:
     return AgentError(f"{what} refused: HTTP {response.status_code}: {detail}")
 
 
-async def _take_job(
-    client: httpx.AsyncClient, config: JitConfig, poll_timeout: float
-) -> dict[str, str]:
-    url = f"{config.url}/_agent/connect"
+async def _take_job(agent: _Agent) -> dict[str, str]:
+    wait = agent.poll_timeout
     while True:
-        response = await _post(
-            client, url, config, {"wait": f"{poll_timeout:g}"}, poll_timeout + 30.0
-        )
+        response = await _post(agent, "/_agent/connect", {"wait": f"{wait:g}"}, wait + 30.0)
         if response.status_code == 200:
             fields = _parse_lines(response.text)
             if "job_id" not in fields:
@@ -148,8 +181,9 @@ async def _take_job(
             raise _refused("connect", response)
 
 
-async def _run(config: JitConfig, poll_timeout: float, client: httpx.AsyncClient) -> AgentResult:
-    job = await _take_job(client, config, poll_timeout)
+async def _run(agent: _Agent) -> AgentResult:
+    config = agent.config
+    job = await _take_job(agent)
     try:
         duration = float(job.get("duration") or 0.0)
     except ValueError as error:
@@ -158,11 +192,7 @@ async def _run(config: JitConfig, poll_timeout: float, client: httpx.AsyncClient
     # "Running" the job: the fake only needs it to take time.
     await asyncio.sleep(duration)
     response = await _post(
-        client,
-        f"{config.url}/_agent/complete",
-        config,
-        {"job_id": job["job_id"], "result": result},
-        _CONNECT_TIMEOUT,
+        agent, "/_agent/complete", {"job_id": job["job_id"], "result": result}, _CONNECT_TIMEOUT
     )
     if response.status_code != 200:
         raise _refused("complete", response)
@@ -183,21 +213,28 @@ async def run_agent(
     poll_timeout: float = DEFAULT_POLL_TIMEOUT,
     timeout: float | None = None,
     client: httpx.AsyncClient | None = None,
+    retry_for: float = DEFAULT_RETRY_FOR,
 ) -> AgentResult:
     """Connect with a JIT config, run one job, report it and return what was run.
 
     ``poll_timeout`` is how long the fake holds each connect request when no job is waiting (the
     agent then asks again, forever, like a real runner); ``timeout`` bounds the whole run
-    (TimeoutError). Raises AgentError when the fake refuses the runner (404 removed, 409
-    credential already used, 401 unknown credential) or cannot be reached.
+    (TimeoutError). A 5xx answer or a transport error is retried (0.2 s doubling to 2 s) for up
+    to ``retry_for`` seconds from a call's first failure (0: never). Raises AgentError when the
+    fake refuses the runner (404 removed, 409 credential already used, 401 unknown credential)
+    or stays unreachable or failing for ``retry_for``.
     """
+    if retry_for < 0:
+        raise ValueError("retry_for must not be negative")
     config = decode_jit_config(encoded_jit_config)
-    async with asyncio.timeout(timeout):
-        if client is not None:
-            return await _run(config, poll_timeout, client)
-        # trust_env=False: the fake is on loopback; a proxy from the environment is never right.
-        async with httpx.AsyncClient(trust_env=False) as own_client:
-            return await _run(config, poll_timeout, own_client)
+    async with asyncio.timeout(timeout), contextlib.AsyncExitStack() as stack:
+        if client is None:
+            # trust_env=False: the fake is on loopback; a proxy from the environment is never
+            # right.
+            client = await stack.enter_async_context(httpx.AsyncClient(trust_env=False))
+        return await _run(
+            _Agent(client=client, config=config, poll_timeout=poll_timeout, retry_for=retry_for)
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -219,6 +256,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--timeout", type=float, default=None, metavar="SECONDS", help="give up after this long"
     )
+    parser.add_argument(
+        "--retry-for",
+        type=float,
+        default=DEFAULT_RETRY_FOR,
+        metavar="SECONDS",
+        help="how long one call retries 5xx answers and unreachable servers (0: never)",
+    )
     args = parser.parse_args(argv)
     encoded = args.jitconfig or os.environ.get(JIT_CONFIG_ENV, "")
     if not encoded:
@@ -229,7 +273,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         result = asyncio.run(
-            run_agent(encoded, poll_timeout=args.poll_timeout, timeout=args.timeout)
+            run_agent(
+                encoded,
+                poll_timeout=args.poll_timeout,
+                timeout=args.timeout,
+                retry_for=args.retry_for,
+            )
         )
     except AgentError as error:
         print(f"{_PROG}: error: {error}", file=sys.stderr)

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,16 +17,7 @@ from outrunner.testing.agent import SHELL_AGENT
 from outrunner.testing.agent import main as agent_main
 from outrunner.testing.fakegithub import Endpoint, FakeGitHub, JobState
 from tests.testing.raw import Raw
-
-BUSYBOX = Path("/bin/busybox")
-BUSYBOX_APPLETS = ("sh", "wget", "base64", "sed", "sleep", "cat", "printf")
-PROXY_VARS = {"http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "all_proxy"}
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in PROXY_VARS}
-    env.pop("ACTIONS_RUNNER_INPUT_JITCONFIG", None)
-    return {**env, **extra}
+from tests.testing.shells import busybox, clean_env, dash
 
 
 def _ready(gh: FakeGitHub, raw: Raw, display_name: str = "build and test") -> tuple[int, int]:
@@ -72,10 +62,10 @@ def test_python_agent_process(gh: FakeGitHub, raw: Raw) -> None:
     encoded = gh.generate_jit_config(scale_set_id, "py-agent")
     argv = [sys.executable, "-m", "outrunner.testing.agent", "--poll-timeout", "2"]
     # The JIT config from the environment, as the real runner's run.sh takes it...
-    done = _run(argv, _env(ACTIONS_RUNNER_INPUT_JITCONFIG=encoded))
+    done = _run(argv, clean_env(ACTIONS_RUNNER_INPUT_JITCONFIG=encoded))
     _check_success(gh, job, encoded, done)
     # ... or from the flag.
-    _check_reuse_refused(encoded, _run([*argv, "--jitconfig", encoded], _env()))
+    _check_reuse_refused(encoded, _run([*argv, "--jitconfig", encoded], clean_env()))
 
 
 def test_python_agent_usage_errors(
@@ -89,6 +79,15 @@ def test_python_agent_usage_errors(
     monkeypatch.setenv("ACTIONS_RUNNER_INPUT_JITCONFIG", base64.b64encode(b"[1]").decode())
     assert agent_main([]) == 1
     assert "not a JSON object" in capsys.readouterr().err
+    nowhere = {"url": "http://127.0.0.1:9", "runner_id": 1, "runner_name": "r", "scale_set_id": 1}
+    encoded = base64.b64encode(json.dumps({**nowhere, "credential": "c"}).encode()).decode()
+    started = time.monotonic()
+    # Connection refused is retried for --retry-for seconds, then reported.
+    assert agent_main(["--jitconfig", encoded, "--retry-for", "0.5"]) == 1
+    assert 0.5 <= time.monotonic() - started < 3.0
+    error = capsys.readouterr().err
+    assert error.startswith("outrunner-agent: error: POST http://127.0.0.1:9/_agent/connect failed")
+    assert encoded not in error
 
 
 def _shell_agent_end_to_end(
@@ -129,27 +128,19 @@ def _shell_agent_end_to_end(
     nowhere = base64.b64encode(
         json.dumps({"url": "http://127.0.0.1:9", "credential": "c", "runner_id": 1}).encode()
     ).decode()
-    unreachable = _run([*shell, str(SHELL_AGENT), "--jitconfig", nowhere], env)
+    unreachable = _run([*shell, str(SHELL_AGENT), "--jitconfig", nowhere, "--retry-for", "0"], env)
     assert unreachable.returncode == 1
-    assert "connect failed: cannot reach http://127.0.0.1:9" in unreachable.stderr
+    assert "connect failed: cannot reach http://127.0.0.1:9" in _error_line(unreachable.stderr)
+    assert "retrying" not in unreachable.stderr
+    bad_retry = _run([*shell, str(SHELL_AGENT), "--jitconfig", nowhere, "--retry-for", "x"], env)
+    assert (bad_retry.returncode, "--retry-for" in bad_retry.stderr) == (2, True)
 
 
 def test_shell_agent_under_dash(gh: FakeGitHub, raw: Raw) -> None:
-    if shutil.which("wget") is None:
-        pytest.skip("no wget on PATH for dash")
-    _shell_agent_end_to_end(gh, raw, ["/bin/sh"], _env())
+    shell = dash()
+    _shell_agent_end_to_end(gh, raw, shell.argv, shell.env)
 
 
 def test_shell_agent_under_busybox(gh: FakeGitHub, raw: Raw, tmp_path: Path) -> None:
-    if not BUSYBOX.exists():
-        message = "busybox is not installed (apt-get install busybox-static)"
-        if os.environ.get("OUTRUNNER_REQUIRE_BUSYBOX") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for applet in BUSYBOX_APPLETS:
-        (bin_dir / applet).symlink_to(BUSYBOX)
-    # Only busybox applets on PATH: anything else the script needed would fail here.
-    env = {"PATH": str(bin_dir), "HOME": str(tmp_path)}
-    _shell_agent_end_to_end(gh, raw, [str(BUSYBOX), "sh"], env)
+    shell = busybox(tmp_path)
+    _shell_agent_end_to_end(gh, raw, shell.argv, shell.env)

@@ -89,9 +89,10 @@ async def test_agent_retries_a_dropped_connect(gh: FakeGitHub, raw: Raw) -> None
     gh.drop_next(Endpoint.AGENT_CONNECT)
     result = await run_agent(gh.generate_jit_config(scale_set_id, "r"), timeout=5)
     assert result.result == "succeeded"
+    # Without retries (retry_for=0) a 5xx answer is final; see test_fake_outage for retries.
     gh.fail_next(Endpoint.AGENT_CONNECT, status=500)
     with pytest.raises(AgentError, match="500"):
-        await run_agent(gh.generate_jit_config(scale_set_id, "r2"), timeout=5)
+        await run_agent(gh.generate_jit_config(scale_set_id, "r2"), timeout=5, retry_for=0)
 
 
 def test_short_admin_token_ttl() -> None:
@@ -102,10 +103,11 @@ def test_short_admin_token_ttl() -> None:
 
 
 def test_short_queue_token_ttl() -> None:
-    with FakeGitHub(long_poll_timeout=0.05, queue_token_ttl=0.15) as gh, raw_client(gh) as raw:
+    # Long enough for the first poll to come in time on a loaded machine.
+    with FakeGitHub(long_poll_timeout=0.05, queue_token_ttl=0.5) as gh, raw_client(gh) as raw:
         session = raw.create_session(raw.create_scale_set())
         assert raw.poll(session).status_code == 202
-        time.sleep(0.2)
+        time.sleep(0.5)
         assert raw.poll(session).status_code == 401
 
 
@@ -131,7 +133,12 @@ def test_stop_is_prompt_with_polls_in_flight() -> None:
                 threading.Thread(target=call, args=(lambda: raw.actions("GET", SCALE_SETS),)),
                 threading.Thread(
                     target=call,
-                    args=(lambda: asyncio.run(run_agent(encoded, poll_timeout=30.0, timeout=60)),),
+                    # retry_for=0: a stopped fake refuses connections, which would be retried.
+                    args=(
+                        lambda: asyncio.run(
+                            run_agent(encoded, poll_timeout=30.0, timeout=60, retry_for=0)
+                        ),
+                    ),
                 ),
                 threading.Thread(
                     target=call, args=(lambda: other.get(session.queue_url, headers=headers),)

@@ -26,7 +26,10 @@ token is accepted); ``acquire_mode=False`` (older-GHES flow, below); ``owner="oc
 known); ``remove_agent_on_completion=True``; ``message_queue_query=None`` (e.g. ``"sig=abc"``: the
 ``messageQueueUrl`` then carries that query and message GET/DELETE answer 400 without it, which
 checks that the client merges ``lastMessageId`` into an existing query); ``app_client_id=None`` and
-``app_installation_id=None`` (when set, the App JWT's ``iss`` and the installation id must match).
+``app_installation_id=None`` (when set, the App JWT's ``iss`` and the installation id must match);
+``session_idle_timeout=None`` (seconds; when set, a session that has not polled for that long,
+counting from the end of its last message GET, or from its creation, expires as with
+``expire_sessions()``: see Sessions below).
 
 Addresses: ``gh.url`` (``http://127.0.0.1:PORT``), ``gh.api_url`` (``<url>/api/v3``),
 ``gh.base_url`` (Actions service, ``<url>/tenant/1``; runner-registration returns it with a trailing
@@ -79,6 +82,10 @@ lists are ``{"count", "value"}``:
   "The actions runner scaleset <name> already has an active session." while one is open.
 * ``PATCH .../sessions/{sessionId}`` (REFRESH_SESSION): 200 full session with a new queue token;
   ``DELETE`` (DELETE_SESSION): 204. Unknown session: 400 ``RunnerScaleSetSessionExpiredException``.
+  Sessions end when deleted, with ``expire_sessions()``, or after ``session_idle_timeout`` seconds
+  without a message GET (a GET being held counts as polling): then their queue URL answers 404,
+  refresh and delete 400 ``RunnerScaleSetSessionExpiredException``, a new session may be created
+  (no 409), and it gets the scale set's undeleted messages, including those emitted meanwhile.
 * ``POST runtime/runnerscalesets/{id}/acquirejobs`` (ACQUIRE_JOBS), body ``[runnerRequestId, ...]``,
   authenticated with the **message-queue token** (an admin token gets 401): 200 list of the ids
   acquired (ids not offered to this scale set, or already taken, are left out).
@@ -133,7 +140,10 @@ Runner agent protocol
 
 ``outrunner.testing.agent.run_agent``, ``python -m outrunner.testing.agent --jitconfig X`` and
 the busybox script ``outrunner.testing.agent.SHELL_AGENT`` (``agent.sh``) implement the runner
-side; the commands also read ``$ACTIONS_RUNNER_INPUT_JITCONFIG`` like the real runner. Both agent
+side; the commands also read ``$ACTIONS_RUNNER_INPUT_JITCONFIG`` like the real runner. Like the real
+runner with its broker connection, they retry a call that gets a 5xx answer or no answer
+(connection refused or reset) after 0.2 s, doubling up to 2 s, for up to ``retry_for`` seconds
+from its first failure (``--retry-for``, default 600, 0: never); 4xx answers are final. Both agent
 calls send ``Authorization: Bearer <credential>`` and a form body:
 
 * ``POST <url>/_agent/connect`` (AGENT_CONNECT), body ``wait=<seconds>`` (default
@@ -152,12 +162,15 @@ Test controls and inspection
   runnerRequestId); ``cancel_job(id)``; ``add_runner_group(name) -> int``;
   ``create_scale_set(name, labels, *, runner_group_id=1) -> int`` and
   ``generate_jit_config(scale_set_id, runner_name) -> str`` (shortcuts past HTTP).
-* ``jobs()``, ``job(id)`` -> ``JobInfo``; ``runners()`` -> ``RunnerInfo``; ``scale_sets()`` ->
-  ``ScaleSetInfo``; ``sessions()`` -> ``SessionInfo``; ``statistics(scale_set_id)`` ->
-  ``Statistics``.
+* ``jobs()``, ``job(id)`` -> ``JobInfo``; ``runners()`` -> ``RunnerInfo`` (id, name, scale set,
+  status, job) of the runners registered now (removed ones are gone); ``runner(name)`` -> the one
+  with that name (case-insensitive) or None, e.g. ``assert gh.runner("r-1") is None`` once its
+  environment is gone; ``scale_sets()`` -> ``ScaleSetInfo``; ``sessions()`` -> ``SessionInfo``;
+  ``statistics(scale_set_id)`` -> ``Statistics``.
 * ``requests`` (every request as ``RecordedRequest``: endpoint, method, path, query, auth scheme and
-  whether the credential was accepted (never the secret), selected headers, parsed body, status,
-  applied fault), ``requests_to(endpoint)``, ``clear_requests()``.
+  whether the credential was accepted (never the secret), selected headers, parsed body, status
+  (None: closed without an answer), applied fault: ``"fail"``, ``"delay"``, ``"drop"`` or
+  ``"outage"``), ``requests_to(endpoint)``, ``clear_requests()``.
 * ``wait_for(predicate, timeout=10)``, ``wait_until_jobs_completed(n, timeout=10)`` and their
   ``..._async`` twins for event-loop tests; they raise ``TimeoutError``.
 * ``expire_admin_tokens()``, ``expire_queue_tokens()``, ``expire_sessions()``.
@@ -167,6 +180,23 @@ Test controls and inspection
   error; ``headers`` e.g. ``{"Retry-After": "2"}``); ``delay_next(endpoint, seconds, times=1)``
   holds the request, then handles it; ``drop_next(endpoint, times=1)`` closes the connection
   without an answer and without handling it. ``pending_faults(endpoint)``, ``clear_faults()``.
+* Outages: ``outage(status=503, *, endpoints=None, include_agents=False, headers=None) -> Outage``
+  starts one at once; end it with ``.end()`` (idempotent, non-blocking) or use it as
+  ``with gh.outage(): ...`` (also fine in async tests). While it lasts, every request to its
+  endpoints is answered ``status`` without being handled, with the error body of the service
+  behind the endpoint (REST ``{"message", "documentation_url"}``, Actions service and queue
+  ``{"typeName", "message"}``, agent plain text) plus ``headers``; ``status=None`` closes the
+  connection without an answer instead (a reset, as far as the client can tell). Message GETs,
+  agent connects and delayed requests of those endpoints that are open when it starts get that
+  answer at once (within milliseconds). Such requests are logged with ``fault="outage"``;
+  pending faults are not consumed meanwhile. ``endpoints`` defaults to every endpoint of the REST
+  API, the Actions service and the message queue; ``include_agents=True`` adds AGENT_CONNECT and
+  AGENT_COMPLETE. Left out by default because the real runner talks to another service (its
+  broker) than the scale set client does: jobs keep running and completing during an outage, and
+  their JobStarted/JobCompleted wait in the scale set's queue for the listener's next successful
+  poll, in the same session if it survived (see ``session_idle_timeout``), else in a new one.
+  ``Outage.active``, ``.status``, ``.endpoints``, ``.duration``. Outages may overlap; the oldest
+  active one answers.
 """
 
 from outrunner.testing.fakegithub.endpoints import Endpoint
@@ -180,6 +210,7 @@ from outrunner.testing.fakegithub.model import (
     SessionInfo,
     Statistics,
 )
+from outrunner.testing.fakegithub.outage import Outage
 from outrunner.testing.fakegithub.server import FakeGitHub
 
 __all__ = [
@@ -187,6 +218,7 @@ __all__ = [
     "FakeGitHub",
     "JobInfo",
     "JobState",
+    "Outage",
     "RecordedRequest",
     "RunnerInfo",
     "RunnerStatus",

@@ -33,3 +33,14 @@ class Endpoint(StrEnum):
     # The fake runner agent's own protocol.
     AGENT_CONNECT = "agent_connect"
     AGENT_COMPLETE = "agent_complete"
+
+
+# The GitHub REST API (api.github.com or GHES /api/v3): errors are {"message", "documentation_url"}.
+REST_ENDPOINTS = frozenset(
+    {Endpoint.REGISTRATION_TOKEN, Endpoint.APP_ACCESS_TOKEN, Endpoint.RUNNER_REGISTRATION}
+)
+# What the runner itself talks to. The real runner reaches a different service (its broker) than
+# the scale set API a listener uses, so one can be down while the other is up.
+AGENT_ENDPOINTS = frozenset({Endpoint.AGENT_CONNECT, Endpoint.AGENT_COMPLETE})
+# Everything a scale set client talks to: the REST API, the Actions service, the message queue.
+SERVICE_ENDPOINTS = frozenset(Endpoint) - AGENT_ENDPOINTS

@@ -6,6 +6,7 @@ credentials) and change under the lock.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -34,6 +35,7 @@ class Settings:
     message_queue_query: str | None
     app_client_id: str | None
     app_installation_id: int | None
+    session_idle_timeout: float | None = None
 
 
 @dataclass(kw_only=True)
@@ -76,6 +78,11 @@ class SessionRecord:
     capacity: int | None = None
     polled: bool = False
     polls: int = 0
+    # Idle-expiry bookkeeping (Settings.session_idle_timeout): message GETs being held right now,
+    # and when the session last stopped polling (creation, or the end of its last GET), on the
+    # time.monotonic() clock.
+    open_polls: int = 0
+    idle_since: float = field(default_factory=time.monotonic)
 
 
 @dataclass(kw_only=True)

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from outrunner.testing.fakegithub.outage import Outage
 
 # Namespaces of the .NET exception type names the real services put in ``typeName``. The client
 # matches them by substring (protocol reference §5), so the fully qualified forms are used.
@@ -18,6 +22,14 @@ def type_name(namespace: str, exception: str) -> str:
 
 class Stopping(Exception):
     """The server is shutting down: the request is answered by closing the connection."""
+
+
+class OutageCut(Exception):
+    """An outage began while the request was held (long poll, delay): answer it as the outage."""
+
+    def __init__(self, outage: Outage) -> None:
+        super().__init__("cut by an outage")
+        self.outage = outage
 
 
 class ApiError(Exception):

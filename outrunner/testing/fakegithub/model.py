@@ -129,7 +129,9 @@ class RecordedRequest:
     headers: dict[str, str] = field(default_factory=dict)  # see RECORDED_HEADERS
     json: Any = None  # parsed JSON body (form fields for agent routes), None when empty
     status: int | None = None  # None: connection dropped without an answer
-    fault: str | None = None  # "fail", "delay" or "drop" when an injected fault applied
+    # "fail", "delay" or "drop" when an injected fault applied; "outage" when an outage answered
+    # it (before or, for long polls and delays, while it was being handled).
+    fault: str | None = None
 
 
 # Request headers worth asserting on in client tests; nothing secret is among them.

@@ -18,12 +18,14 @@ from outrunner.testing.fakegithub.endpoints import Endpoint
 from outrunner.testing.fakegithub.errors import (
     SERVICES,
     ApiError,
+    OutageCut,
     Stopping,
     bad_request,
     type_name,
 )
 from outrunner.testing.fakegithub.faults import FaultPlan
 from outrunner.testing.fakegithub.model import RECORDED_HEADERS, RecordedRequest
+from outrunner.testing.fakegithub.outage import Outage
 from outrunner.testing.fakegithub.state import (
     AGENT_PREFIX,
     API_PREFIX,
@@ -235,6 +237,11 @@ class Router:
             route = next((r for r in matched if r.method == request.method), None)
             if route is None:
                 response = self._no_route(request, matched)
+            elif (outage := self.state.outage_for(route.endpoint)) is not None:
+                # Down: not handled, and pending faults stay queued for after the outage.
+                endpoint, fault_kind = route.endpoint, "outage"
+                context.credential(request)
+                response = self._outage_response(outage, endpoint)
             else:
                 endpoint = route.endpoint
                 fault = self.faults.take(endpoint)
@@ -251,7 +258,7 @@ class Router:
                     response = None
                 else:
                     if fault is not None:
-                        self.state.sleep(fault.seconds)
+                        self.state.sleep(fault.seconds, endpoint)
                     match = route.pattern.fullmatch(request.path)
                     assert match is not None
                     params = {k: v for k, v in match.groupdict().items() if v is not None}
@@ -259,6 +266,11 @@ class Router:
         except ApiError as error:
             body, content_type = error.body()
             response = Response(status=error.status, body=body, content_type=content_type)
+        except OutageCut as cut:
+            # A long poll or delayed request that was open when the outage began.
+            assert endpoint is not None
+            fault_kind = "outage"
+            response = self._outage_response(cut.outage, endpoint)
         except Stopping:
             response = None
         self.state.record(
@@ -280,6 +292,15 @@ class Router:
             )
         )
         return response
+
+    @staticmethod
+    def _outage_response(outage: Outage, endpoint: Endpoint) -> Response | None:
+        if outage.status is None:
+            return None
+        body, content_type = outage.error(endpoint).body()
+        return Response(
+            status=outage.status, body=body, content_type=content_type, headers=outage.headers
+        )
 
     @staticmethod
     def _no_route(request: Request, matched: list[_Route]) -> Response:

@@ -1,8 +1,9 @@
 """``FakeGitHub``: the public facade, and the threaded HTTP/1.1 server it runs in the background.
 
 The server is ``http.server.ThreadingHTTPServer`` in its own thread, one daemon thread per
-connection. Running outside the caller's event loop is deliberate: the same object serves sync tests
-and async tests, and a test that blocks its loop cannot stall the fake's long polls.
+connection, plus (with ``session_idle_timeout``) a thread that expires idle sessions when due.
+Running outside the caller's event loop is deliberate: the same object serves sync tests and async
+tests, and a test that blocks its loop cannot stall the fake's long polls.
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any, Self
 from urllib.parse import parse_qsl, urlsplit
 
-from outrunner.testing.fakegithub.endpoints import Endpoint
+from outrunner.testing.fakegithub.endpoints import AGENT_ENDPOINTS, SERVICE_ENDPOINTS, Endpoint
 from outrunner.testing.fakegithub.entities import Settings
 from outrunner.testing.fakegithub.faults import Fault, FaultPlan, failure
 from outrunner.testing.fakegithub.model import (
@@ -31,6 +32,7 @@ from outrunner.testing.fakegithub.model import (
     SessionInfo,
     Statistics,
 )
+from outrunner.testing.fakegithub.outage import Outage
 from outrunner.testing.fakegithub.routes import Request, Response, Router
 from outrunner.testing.fakegithub.state import API_PREFIX, State
 
@@ -184,7 +186,10 @@ class FakeGitHub:
         message_queue_query: str | None = None,
         app_client_id: str | None = None,
         app_installation_id: int | None = None,
+        session_idle_timeout: float | None = None,
     ) -> None:
+        if session_idle_timeout is not None and session_idle_timeout <= 0:
+            raise ValueError("session_idle_timeout must be positive (or None: never)")
         self._address = (host, port)
         self._state = State(
             Settings(
@@ -199,11 +204,13 @@ class FakeGitHub:
                 message_queue_query=message_queue_query,
                 app_client_id=app_client_id,
                 app_installation_id=app_installation_id,
+                session_idle_timeout=session_idle_timeout,
             )
         )
         self._faults = FaultPlan()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
+        self._reaper: threading.Thread | None = None
         self._stopped = False
 
     def __repr__(self) -> str:
@@ -227,6 +234,13 @@ class FakeGitHub:
             daemon=True,
         )
         self._thread.start()
+        if self._state.settings.session_idle_timeout is not None:
+            self._reaper = threading.Thread(
+                target=self._state.reap_idle_sessions,
+                name=f"fakegithub-sessions-{port}",
+                daemon=True,
+            )
+            self._reaper.start()
         return self
 
     def stop(self) -> None:
@@ -243,6 +257,8 @@ class FakeGitHub:
         server.shutdown()
         if self._thread is not None:
             self._thread.join()
+        if self._reaper is not None:
+            self._reaper.join()
         server.close_connections(_JOIN_TIMEOUT)
         server.server_close()
 
@@ -361,8 +377,41 @@ class FakeGitHub:
 
     def expire_sessions(self) -> None:
         """Forget every session (as after listeners stopped polling): their queue URLs answer
-        404 and refresh/delete answer 400 RunnerScaleSetSessionExpiredException."""
+        404 and refresh/delete answer 400 RunnerScaleSetSessionExpiredException. The queue stays
+        with the scale set; a new session may be created. See also ``session_idle_timeout``."""
         self._state.expire_sessions()
+
+    # -- outages --------------------------------------------------------------------------------
+
+    def outage(
+        self,
+        status: int | None = 503,
+        *,
+        endpoints: Iterable[Endpoint | str] | None = None,
+        include_agents: bool = False,
+        headers: Mapping[str, str] | None = None,
+    ) -> Outage:
+        """Start an outage now; end it with ``.end()`` or use it as ``with gh.outage(): ...``.
+
+        While it lasts, every request to the affected endpoints is answered ``status`` with an
+        error body shaped like the service's (or, with ``status=None``, its connection is closed
+        without an answer) without being handled, and is logged with ``fault="outage"``. Long
+        polls and delayed requests of those endpoints that are open when it starts get the same
+        answer at once. ``endpoints`` defaults to every scale set client endpoint (REST API,
+        Actions service, message queue); the agent endpoints are added with
+        ``include_agents=True`` (the real runner talks to another service, its broker, so by
+        default jobs keep running and completing, and their messages wait in the queue).
+        ``headers`` are added to every answer, e.g. ``{"Retry-After": "1"}``. Pending faults are
+        not consumed during an outage. Outages may overlap; the oldest one answers.
+        """
+        selected = set(SERVICE_ENDPOINTS if endpoints is None else map(Endpoint, endpoints))
+        if include_agents:
+            selected |= AGENT_ENDPOINTS
+        outage = Outage(
+            status=status, endpoints=selected, headers=headers, on_end=self._state.end_outage
+        )
+        self._state.start_outage(outage)
+        return outage
 
     # -- fault injection ------------------------------------------------------------------------
 
@@ -407,6 +456,12 @@ class FakeGitHub:
     def runners(self) -> list[RunnerInfo]:
         """Runners currently registered (removed ones are gone)."""
         return self._state.runners()
+
+    def runner(self, name: str) -> RunnerInfo | None:
+        """The registered runner named ``name`` (case-insensitive, like GitHub), or None: e.g.
+        ``assert gh.runner("r-1") is None`` once an environment is gone."""
+        folded = name.casefold()
+        return next((r for r in self.runners() if r.name.casefold() == folded), None)
 
     def scale_sets(self) -> list[ScaleSetInfo]:
         return self._state.scale_sets()

@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 from outrunner.testing.fakegithub import tokens
 from outrunner.testing.fakegithub.auth import Credentials
+from outrunner.testing.fakegithub.endpoints import Endpoint
 from outrunner.testing.fakegithub.entities import (
     AgentJob,
     AgentRecord,
@@ -38,6 +39,7 @@ from outrunner.testing.fakegithub.entities import (
 )
 from outrunner.testing.fakegithub.errors import (
     ApiError,
+    OutageCut,
     Stopping,
     bad_request,
     runtime_error,
@@ -53,6 +55,7 @@ from outrunner.testing.fakegithub.model import (
     SessionInfo,
     Statistics,
 )
+from outrunner.testing.fakegithub.outage import Outage
 
 # The real service batches at most 50 job messages per envelope (protocol reference §4.1).
 MAX_JOBS_PER_MESSAGE = 50
@@ -118,6 +121,7 @@ class State:
         self._agents_by_credential: dict[str, AgentRecord] = {}
         self._jobs: dict[int, JobRecord] = {}
         self._requests: list[RecordedRequest] = []
+        self._outages: list[Outage] = []
 
     # -- plumbing -------------------------------------------------------------------------------
 
@@ -134,11 +138,14 @@ class State:
             self.stopping = True
             self._touch()
 
-    def sleep(self, seconds: float) -> None:
-        """Sleep, but raise ``Stopping`` as soon as the server stops."""
+    def sleep(self, seconds: float, endpoint: Endpoint | None = None) -> None:
+        """Sleep, but raise ``Stopping`` as soon as the server stops, and ``OutageCut`` as soon
+        as an outage covers ``endpoint``."""
         deadline = time.monotonic() + seconds
         with self.lock:
             while not self.stopping:
+                if endpoint is not None:
+                    self._check_outage(endpoint)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return
@@ -163,6 +170,30 @@ class State:
                     if remaining <= 0 or self.stopping:
                         return False
                     self.changed.wait(remaining)
+
+    # -- outages --------------------------------------------------------------------------------
+
+    def start_outage(self, outage: Outage) -> None:
+        with self.lock:
+            self._outages.append(outage)
+            # Wakes the long polls and delays of the affected endpoints, which then end.
+            self._touch()
+
+    def end_outage(self, outage: Outage) -> None:
+        with self.lock:
+            if outage in self._outages:
+                self._outages.remove(outage)
+                self._touch()
+
+    def outage_for(self, endpoint: Endpoint) -> Outage | None:
+        """The oldest active outage that covers ``endpoint``, if any."""
+        with self.lock:
+            return next((o for o in self._outages if endpoint in o.endpoints), None)
+
+    def _check_outage(self, endpoint: Endpoint) -> None:
+        outage = self.outage_for(endpoint)
+        if outage is not None:
+            raise OutageCut(outage)
 
     def record(self, request: RecordedRequest) -> None:
         with self.lock:
@@ -494,6 +525,7 @@ class State:
         owner = _field(body, "ownerName") if isinstance(body, dict) else None
         with self.lock:
             scale_set = self._scale_set(scale_set_id)
+            self._expire_idle_sessions()
             if any(s.scale_set_id == scale_set_id for s in self._sessions.values()):
                 raise runtime_error(
                     409,
@@ -512,6 +544,7 @@ class State:
             return self._render_session(session)
 
     def _session(self, scale_set_id: int | None, session_id: str) -> SessionRecord:
+        self._expire_idle_sessions()
         session = self._sessions.get(session_id)
         if session is None or (scale_set_id is not None and session.scale_set_id != scale_set_id):
             raise runtime_error(
@@ -546,6 +579,43 @@ class State:
             self._sessions.clear()
             self._touch()
 
+    def _idle_deadline(self, session: SessionRecord) -> float | None:
+        """When ``session`` expires for not polling; None while it polls or without a limit."""
+        timeout = self.settings.session_idle_timeout
+        if timeout is None or session.open_polls:
+            return None
+        return session.idle_since + timeout
+
+    def _expire_idle_sessions(self) -> None:
+        """Forget the sessions idle past ``session_idle_timeout``, as ``expire_sessions`` does.
+
+        Called before every lookup of a session, so expiry is exact whatever the reaper thread's
+        timing; the reaper only makes it visible (and wakes waiters) without a request.
+        """
+        now = time.monotonic()
+        expired = [
+            s.id
+            for s in self._sessions.values()
+            if (deadline := self._idle_deadline(s)) is not None and deadline <= now
+        ]
+        for session_id in expired:
+            # The queue stays with the scale set: the next session gets what is undeleted.
+            del self._sessions[session_id]
+        if expired:
+            self._touch()
+
+    def reap_idle_sessions(self) -> None:
+        """Expire idle sessions when they are due, until the server stops (a thread's body)."""
+        with self.lock:
+            while not self.stopping:
+                self._expire_idle_sessions()
+                deadlines = [
+                    d for s in self._sessions.values() if (d := self._idle_deadline(s)) is not None
+                ]
+                # Every change notifies the condition, so a new or finished poll is seen at once.
+                timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+                self.changed.wait(timeout)
+
     @staticmethod
     def _queue_gone(session_id: str) -> ApiError:
         # There is no queue at the URL of a session that ended: 404, not the 400 of the API.
@@ -556,6 +626,7 @@ class State:
         )
 
     def _queue_session(self, session_id: str) -> SessionRecord:
+        self._expire_idle_sessions()
         session = self._sessions.get(session_id)
         if session is None:
             raise self._queue_gone(session_id)
@@ -569,6 +640,7 @@ class State:
 
     def scale_set_queue_token_valid(self, scale_set_id: int, token: str) -> bool:
         with self.lock:
+            self._expire_idle_sessions()
             now = time.time()
             return any(
                 s.scale_set_id == scale_set_id and s.token == token and s.token_expires > now
@@ -589,11 +661,26 @@ class State:
             session.polled = True
             # The Go client always sends the header; a poll without one means "no limit".
             session.capacity = capacity
-            self._schedule()
-            self._touch()
+            session.open_polls += 1
+            try:
+                self._schedule()
+                self._touch()
+                return self._wait_for_message(session, last_message_id, deadline)
+            finally:
+                session.open_polls -= 1
+                session.idle_since = time.monotonic()
+                # The reaper recomputes its deadline.
+                self._touch()
+
+    def _wait_for_message(
+        self, session: SessionRecord, last_message_id: int, deadline: float
+    ) -> dict[str, Any] | None:
+        session_id = session.id
+        with self.lock:
             while True:
                 if self.stopping:
                     raise Stopping
+                self._check_outage(Endpoint.GET_MESSAGE)
                 if self._sessions.get(session_id) is not session:
                     raise self._queue_gone(session_id)  # deleted or expired while polling
                 scale_set = self._scale_sets[session.scale_set_id]
@@ -745,6 +832,7 @@ class State:
         It never receives more not-yet-completed jobs than that capacity. Among several matching
         scale sets the lowest id with room wins.
         """
+        self._expire_idle_sessions()
         capacity: dict[int, int | None] = {}
         for session in self._sessions.values():
             if session.polled:
@@ -825,6 +913,7 @@ class State:
             while True:
                 if self.stopping:
                     raise Stopping
+                self._check_outage(Endpoint.AGENT_CONNECT)
                 if agent.removed:
                     raise ApiError(404, f"runner {agent.name} is not registered", plain=True)
                 job = next(
@@ -971,6 +1060,7 @@ class State:
 
     def sessions(self) -> list[SessionInfo]:
         with self.lock:
+            self._expire_idle_sessions()
             return [
                 SessionInfo(
                     session_id=s.id,
