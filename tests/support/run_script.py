@@ -1,13 +1,19 @@
-"""examples/run.py as a subprocess against a FakeGitHub: the harness of the end-to-end tests."""
+"""examples/run.py as a subprocess against a FakeGitHub: the harness of the end-to-end tests.
+
+The script's output goes to a file, not a pipe: a long run with debug logs would fill a pipe
+nobody reads until the end, and the script would block writing its log.
+"""
 
 from __future__ import annotations
 
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 from outrunner.testing.fakegithub import FakeGitHub, JobInfo
 
@@ -15,33 +21,63 @@ SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "run.py"
 
 
 class RunScript:
-    def __init__(self, process: subprocess.Popen[str]) -> None:
+    def __init__(self, process: subprocess.Popen[str], log: IO[str]) -> None:
         self.process = process
+        self._log = log
+
+    def output(self) -> str:
+        """Everything printed so far (stdout and stderr)."""
+        self._log.flush()
+        return Path(self._log.name).read_text(encoding="utf-8", errors="replace")
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def wait(self, timeout: float = 60) -> tuple[int, str]:
+        """Wait for the exit; return the exit status and everything printed."""
+        self.process.wait(timeout=timeout)
+        return self.process.returncode, self.output()
 
     def sigterm(self, timeout: float = 60) -> tuple[int, str]:
         """Send SIGTERM, wait for the exit; return the exit status and everything printed."""
-        self.process.send_signal(signal.SIGTERM)
-        output, _ = self.process.communicate(timeout=timeout)
-        return self.process.returncode, output
+        self.signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def kill(self) -> str:
+        """SIGKILL, as a crash or ``kill -9`` would: nothing of outrunner runs afterwards."""
+        self.process.kill()
+        self.process.wait(timeout=30)
+        return self.output()
 
 
 @contextmanager
-def run_script(config: Path, env: Mapping[str, str]) -> Iterator[RunScript]:
+def run_script(
+    config: Path, env: Mapping[str, str], *, args: Sequence[str] = ()
+) -> Iterator[RunScript]:
     """Start ``run.py --config config`` (debug logs, stderr folded into stdout); kill it on the
     way out if the test did not stop it."""
-    process = subprocess.Popen(
-        [sys.executable, str(SCRIPT), "--config", str(config), "--log-level", "debug"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=dict(env),
-    )
-    try:
-        yield RunScript(process)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
+    with tempfile.NamedTemporaryFile("w+", prefix="run-py-", suffix=".log") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                str(SCRIPT),
+                "--config",
+                str(config),
+                "--log-level",
+                "debug",
+                *args,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=dict(env),
+        )
+        try:
+            yield RunScript(process, log)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
 
 
 def run_jobs(
