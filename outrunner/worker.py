@@ -29,7 +29,12 @@ from outrunner.log import BoundLogger, get_logger
 from outrunner.provisioner import Adopter, OrphanCleaner, Provisioner
 from outrunner.runner import RunnerPhase, RunnerSnapshot
 from outrunner.scaler import RunnerJournal, Scaler
-from outrunner.scaleset.errors import RetryExhaustedError, SessionExpiredError, TransportError
+from outrunner.scaleset.errors import (
+    RetryExhaustedError,
+    SessionExpiredError,
+    StatusError,
+    TransportError,
+)
 from outrunner.scaleset.listener import Listener
 from outrunner.scaleset.session import MessageSession
 from outrunner.scaleset.types import (
@@ -322,29 +327,78 @@ class ScaleSetWorker:
     # -- sessions ----------------------------------------------------------------------------
 
     async def _serve_sessions(self, scale_set_id: int) -> None:
-        """Keep a session listening; a failed one is replaced after a backoff while every
-        runner keeps running."""
+        """Keep a session listening while every runner keeps running.
+
+        When the listener fails, the same session is resumed after a backoff (refreshed, its
+        queue position kept) as long as GitHub still has it; only a session GitHub has dropped
+        is replaced by a new one. Abandoning a live session would leave GitHub refusing the new
+        one (409) until the old one expired. The session is deleted when this is cancelled.
+        """
         failures = 0
         loop = asyncio.get_running_loop()
-        while True:
-            began = loop.time()
-            try:
-                await self._listen(scale_set_id)
-            except Exception as exc:
-                if loop.time() - began >= self._healthy_after:
-                    failures = 0  # a session that served for a while starts a fresh count
-                failures += 1
-                delay = self._backoff.delay(failures)
-                self._log.error(
-                    "Listener failed, reconnecting; runners keep running",
-                    error=str(exc),
-                    retry_in=delay,
-                    runners=len(self.scaler.runners()),
-                    busy=self.scaler.busy_runners(),
-                )
-                await self._sleep(delay)
+        session: MessageSession | None = None
+        last_message_id = 0
+        try:
+            while True:
+                began = loop.time()
+                listener: Listener | None = None
+                try:
+                    session, resumed = await self._open_session(scale_set_id, session)
+                    capacity = 0 if self.draining else self.max_runners
+                    # A new session starts from the queue's first undeleted message, as the Go
+                    # listener does; handling a message twice is harmless (every handler is
+                    # idempotent), skipping one is not.
+                    listener = Listener(
+                        session,
+                        max_runners=capacity,
+                        last_message_id=last_message_id if resumed else 0,
+                    )
+                    self._listener = listener
+                    self.session_open = True
+                    self._log.info("Listening for jobs", max_runners=capacity)
+                    self.ready.set()
+                    await listener.run(self.scaler)
+                except Exception as exc:
+                    self._listener = None
+                    self.session_open = False
+                    if listener is not None:
+                        last_message_id = listener.last_message_id
+                    if loop.time() - began >= self._healthy_after:
+                        failures = 0  # a session that served for a while starts a fresh count
+                    failures += 1
+                    delay = self._backoff.delay(failures)
+                    self._log.error(
+                        "Listener failed, reconnecting; runners keep running",
+                        error=str(exc),
+                        retry_in=delay,
+                        runners=len(self.scaler.runners()),
+                        busy=self.scaler.busy_runners(),
+                    )
+                    await self._sleep(delay)
+                finally:
+                    self._listener = None
+                    self.session_open = False
+        finally:
+            if session is not None:
+                await self._close_session(session)
 
-    async def _listen(self, scale_set_id: int) -> None:
+    async def _open_session(
+        self, scale_set_id: int, previous: MessageSession | None
+    ) -> tuple[MessageSession, bool]:
+        """Resume ``previous`` if GitHub still has it, else open a new session; True when
+        resumed. Errors that say nothing about the session (GitHub down) are raised."""
+        if previous is not None:
+            try:
+                await previous.refresh()
+            except SessionExpiredError:
+                self._log.info("The message session is gone; opening a new one")
+            except StatusError as exc:
+                if exc.status != 404:
+                    raise
+                self._log.info("The message session is gone; opening a new one")
+            else:
+                self._log.info("Resumed the message session")
+                return previous, True
         creating = asyncio.ensure_future(
             self._client.create_message_session(scale_set_id, self._owner)
         )
@@ -358,22 +412,8 @@ class ScaleSetWorker:
                     session = await creating
                 await self._close_session(session)
             raise
-        try:
-            capacity = 0 if self.draining else self.max_runners
-            # A new session starts from the queue's first undeleted message, as the Go
-            # listener does; handling a message twice is harmless (every handler is
-            # idempotent), skipping one is not.
-            self._remember_session(session.session.session_id)
-            listener = Listener(session, max_runners=capacity)
-            self._listener = listener
-            self.session_open = True
-            self._log.info("Listening for jobs", max_runners=capacity)
-            self.ready.set()
-            await listener.run(self.scaler)
-        finally:
-            self._listener = None
-            self.session_open = False
-            await self._close_session(session)
+        self._remember_session(session.session.session_id)
+        return session, False
 
     async def _close_session(self, session: MessageSession) -> None:
         try:

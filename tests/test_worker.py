@@ -13,6 +13,7 @@ from outrunner.provisioner import RunnerRequest
 from outrunner.runner import RunnerPhase
 from outrunner.testing import Endpoint, FakeGitHub, InMemoryProvisioner, JobState
 from outrunner.worker import Backoff, ScaleSetWorker
+from tests.test_scaler import eventually
 from tests.test_scaler_reliability import FakeJournal, until
 from tests.test_service import TOKEN, agent, fast_client, runner
 
@@ -248,3 +249,34 @@ async def test_start_up_deletes_the_session_a_crashed_run_left_open() -> None:
             await asyncio.wait({task})
         assert gh.sessions() == []
         assert journal.open_sessions == {}
+
+
+async def test_a_short_outage_resumes_the_same_session_instead_of_abandoning_it() -> None:
+    """GitHub still has the session after a short outage: abandoning it would make GitHub
+    refuse a new one (409) until it expired, so the worker refreshes and resumes it."""
+    async with FakeGitHub(pat=TOKEN, long_poll_timeout=0.3) as gh:
+        async with fast_client(gh.config_url(), TOKEN) as client:
+            worker = ScaleSetWorker(
+                client,
+                runner(),
+                max_runners=1,
+                provisioner=InMemoryProvisioner(workload=agent),
+                owner="me",
+                backoff=Backoff(initial=0.2, maximum=0.4),
+            )
+            task = asyncio.create_task(worker.run())
+            async with asyncio.timeout(10):
+                await worker.ready.wait()
+            (before,) = gh.sessions()
+            with gh.outage():
+                await eventually(lambda: not worker.session_open, timeout=10)
+                await asyncio.sleep(0.5)
+            await eventually(lambda: worker.session_open, timeout=10)
+            (after,) = gh.sessions()
+            assert after.session_id == before.session_id
+            assert [r.status for r in gh.requests_to(Endpoint.CREATE_SESSION)] == [200]
+            job = gh.queue_job(["linux"], duration=0.05)
+            await gh.wait_for_async(lambda: gh.job(job).state is JobState.COMPLETED, timeout=10)
+            task.cancel()
+            await asyncio.wait({task})
+        assert gh.sessions() == []
