@@ -6,8 +6,9 @@ or ``&`` arrives in libvirt exactly as written and cannot add elements. Text tem
 gha-outrunner used) offer no such guarantee.
 
 Each domain carries an ``<outrunner:runner>`` element in its ``<metadata>``: the mark that
-outrunner made it (orphan cleanup and ``stop`` leave unmarked domains alone) and the record of
-its files, so that a later process can remove them without knowing the config that made them.
+outrunner made it (orphan cleanup, ``stop`` and adoption leave unmarked domains alone) and the
+record of its files and, once it runs, of its runner's PID in the guest, so that a later process
+can adopt or remove it without knowing the config that made it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ __all__ = [
     "mount_tag",
     "parse_metadata",
     "render_domain_xml",
+    "render_metadata",
 ]
 
 METADATA_NS: Final = "https://github.com/outrunner/outrunner/xmlns/libvirt-runner/1"
@@ -87,10 +89,7 @@ def render_domain_xml(spec: DomainSpec) -> str:
     domain = ET.Element("domain", type=o.domain_type)
     _text(domain, "name", spec.name)
     metadata = ET.SubElement(domain, "metadata")
-    marker = {"overlay": spec.files.overlay, "console": spec.files.console}
-    if spec.files.nvram:
-        marker["nvram"] = spec.files.nvram
-    _text(metadata, f"{{{METADATA_NS}}}runner", spec.scale_set, **marker)
+    metadata.append(_marker(f"{{{METADATA_NS}}}runner", RunnerMetadata(spec.scale_set, spec.files)))
     _text(domain, "memory", str(o.memory), unit="MiB")
     _text(domain, "vcpu", str(o.cpus))
     if o.mount is not None:
@@ -191,6 +190,27 @@ class RunnerMetadata:
 
     scale_set: str
     files: RunnerFiles
+    pid: int | None = None
+    """The runner command's PID in the guest (``guest-exec``'s answer); ``None`` until the runner
+    is started. It lets a later process ask the guest agent whether an adopted runner exited."""
+
+
+def render_metadata(metadata: RunnerMetadata) -> str:
+    """The element for ``virDomain.setMetadata``, which puts it in :data:`METADATA_NS` itself
+    (so it is written without a namespace here)."""
+    return ET.tostring(_marker("runner", metadata), encoding="unicode")
+
+
+def _marker(tag: str, metadata: RunnerMetadata) -> ET.Element:
+    files = metadata.files
+    attrs = {"overlay": files.overlay, "console": files.console}
+    if files.nvram:
+        attrs["nvram"] = files.nvram
+    if metadata.pid is not None:
+        attrs["pid"] = str(metadata.pid)
+    element = ET.Element(tag, attrs)
+    element.text = metadata.scale_set
+    return element
 
 
 def parse_metadata(xml: str) -> RunnerMetadata | None:
@@ -206,4 +226,7 @@ def parse_metadata(xml: str) -> RunnerMetadata | None:
     if not overlay or not console:
         return None
     files = RunnerFiles(overlay=overlay, console=console, nvram=element.get("nvram") or None)
-    return RunnerMetadata(scale_set=element.text or "", files=files)
+    pid = element.get("pid", "")
+    return RunnerMetadata(
+        scale_set=element.text or "", files=files, pid=int(pid) if pid.isdigit() else None
+    )

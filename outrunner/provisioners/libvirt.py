@@ -8,8 +8,20 @@ answers ``guest-ping`` and then starts ``<runner_cmd> --jitconfig <jit>`` throug
 undefined by that) and deletes the overlay, the serial console log and the EFI variable store,
 all of which live next to each other in ``overlay_dir``. See ``docs/libvirt.md``.
 
-Every domain carries outrunner's ``<metadata>`` element (see :mod:`._libvirt_xml`); ``stop``
-and orphan cleanup touch only domains that have it, and read the runner's file paths from it.
+Every domain carries outrunner's ``<metadata>`` element (see :mod:`._libvirt_xml`); ``stop``,
+orphan cleanup and adoption touch only domains that have it, and read the runner's file paths
+(and, once the runner runs, its PID in the guest) from it.
+
+Nothing ties a VM to the outrunner process: the domain is created without
+``VIR_DOMAIN_START_AUTODESTROY``, so libvirtd keeps it when the connection that made it closes
+or its process dies; the runner is a child of the guest agent, not of a host process; the files
+are QEMU's. A restarted outrunner takes a live runner over with
+:meth:`~LibvirtProvisioner.adopt`.
+
+Exits: :meth:`~LibvirtProvisioner.wait_exited` listens to the domains' lifecycle events (one
+subscription per connection; libvirt's event loop runs in a thread of its own, see
+:mod:`._libvirt_events`), and polls :meth:`~LibvirtProvisioner.exited` where a connection has
+no events.
 
 Async model: libvirt-python blocks, so every libvirt call runs in a small executor owned by the
 provisioner, one short call at a time (a guest agent call is bounded by its own timeout, a few
@@ -29,7 +41,7 @@ import os
 import stat
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
@@ -46,13 +58,16 @@ from outrunner.config import (
 )
 from outrunner.log import BoundLogger, get_logger
 from outrunner.provisioner import ProvisionerError, RunnerRequest, is_runner_name
+from outrunner.provisioners._libvirt_events import LifecycleWatch, ensure_event_loop
 from outrunner.provisioners._libvirt_xml import (
     METADATA_NS,
+    METADATA_PREFIX,
     DomainSpec,
     RunnerFiles,
     RunnerMetadata,
     parse_metadata,
     render_domain_xml,
+    render_metadata,
 )
 from outrunner.provisioners._workers import Workers
 
@@ -83,6 +98,15 @@ _GONE_TIMEOUT: Final = 30.0
 _QEMU_IMG_TIMEOUT: Final = 120.0
 _POLL_FIRST: Final = 0.05
 _POLL_MAX: Final = 0.25
+_EXIT_POLL_FIRST: Final = 0.1
+_EXIT_POLL_MAX: Final = 2.0
+"""``wait_exited`` without lifecycle events polls ``exited`` this often (seconds, growing)."""
+_REWATCH_FIRST: Final = 0.2
+_REWATCH_MAX: Final = 5.0
+"""Pauses between attempts to watch again after the connection of a watch was lost."""
+_ADOPT_PING_WINDOW: Final = 10.0
+"""Seconds adopt keeps pinging the guest agent of a running domain before it gives up: a guest
+busy with a job may be slow to answer, and a False destroys the VM (and the job in it)."""
 
 _T = TypeVar("_T")
 
@@ -131,6 +155,8 @@ class _Runner:
     uri: str
     files: RunnerFiles
     pid: int | None = None
+    """The runner command's PID in the guest; ``None`` while starting, or when adopted from a
+    domain whose metadata has none."""
     exited: bool = False
 
 
@@ -140,7 +166,8 @@ class LibvirtProvisioner(ClosingContext):
     ``uri`` and ``overlay_dir`` are where orphan cleanup looks (runners use their entry's own
     settings; :meth:`for_runner` passes them in). ``executor`` runs the libvirt calls (default:
     an own pool of :data:`DEFAULT_WORKERS` threads, shut down by :meth:`close`).
-    ``agent_command`` replaces the guest agent transport (a seam for tests).
+    ``agent_command`` replaces the guest agent transport (a seam for tests). ``events=False``
+    makes :meth:`wait_exited` poll instead of subscribing to lifecycle events.
     """
 
     def __init__(
@@ -151,6 +178,7 @@ class LibvirtProvisioner(ClosingContext):
         logger: BoundLogger | None = None,
         executor: Executor | None = None,
         agent_command: AgentCommand | None = None,
+        events: bool = True,
     ) -> None:
         _silence_libvirt_stderr()
         self._uri = uri
@@ -163,6 +191,12 @@ class LibvirtProvisioner(ClosingContext):
         self._connecting = asyncio.Lock()
         self._runners: dict[str, _Runner] = {}
         self._checked_dirs: set[str] = set()
+        self._events = events
+        # One lifecycle subscription per URI, made by the first wait_exited on it.
+        self._watches: dict[str, LifecycleWatch] = {}
+        self._watching = asyncio.Lock()
+        self._no_events: set[str] = set()
+        """URIs whose connection refused a lifecycle subscription: wait_exited polls them."""
         self._closed = False
 
     @classmethod
@@ -231,6 +265,7 @@ class LibvirtProvisioner(ClosingContext):
             await self._wait_for_agent(name, domain, options, files, log)
             log.info("Guest agent answered", seconds=_since(booted))
             runner.pid = await self._exec_runner(domain, request, options)
+            await self._record_pid(domain, RunnerMetadata(request.runner.name, files, runner.pid))
         except BaseException as exc:
             self._runners.pop(name, None)
             await self._undo_start(name, files, created)
@@ -272,14 +307,21 @@ class LibvirtProvisioner(ClosingContext):
         self._log.info("VM stopped", name=name, seconds=_since(began))
 
     async def close(self) -> None:
-        """Close the libvirt connections and the executor; safe to call more than once.
+        """End the event subscriptions, close the libvirt connections and the executor; safe to
+        call more than once. A :meth:`wait_exited` still waiting raises
+        :class:`LibvirtProvisionerError`.
 
-        VMs are left alone: stopping runners is the Scaler's job, and the next start's
-        :meth:`cleanup` removes what a crash left.
+        VMs are left alone: stopping runners is the Scaler's job, and a restarted outrunner
+        adopts (:meth:`adopt`) or cleans up (:meth:`cleanup`) what is left.
         """
         if self._closed:
             return
         self._closed = True
+        watches = list(self._watches.values())
+        self._watches.clear()
+        for watch in watches:
+            watch.fail(LibvirtProvisionerError("the libvirt provisioner was closed"))
+            await self._call(watch.deregister)
         conns = list(self._conns.values())
         self._conns.clear()
         for conn in conns:
@@ -289,23 +331,25 @@ class LibvirtProvisioner(ClosingContext):
 
     # -- OrphanCleaner -----------------------------------------------------------------------
 
-    async def cleanup(self, prefix: str) -> list[str]:
+    async def cleanup(self, prefix: str, *, keep: Collection[str] = ()) -> list[str]:
         """Destroy the VMs outrunner made whose name is a runner name of ``prefix`` (see
         :func:`~outrunner.provisioner.is_runner_name`) and delete their files; also delete
         runner files of ``prefix`` in the overlay directories that no domain uses. Returns the
         names of the runners removed.
 
+        Runners named in ``keep`` (adopted ones) are left alone: their domains and their files.
         Looks at the provisioner's ``uri`` and ``overlay_dir`` and those of every runner this
-        instance started. Domains without outrunner's metadata are never touched.
+        instance started or adopted. Domains without outrunner's metadata are never touched.
         """
         self._check_open()
+        kept = frozenset(keep)
         uris = {self._uri, *(r.uri for r in self._runners.values())}
         dirs = {
             self._overlay_dir,
             *(os.path.dirname(r.files.overlay) for r in self._runners.values()),
         }
         removed: set[str] = set()
-        alive: set[str] = set()
+        alive: set[str] = set(kept)
         for uri in sorted(uris):
             try:
                 domains = await self._with(uri, _list_domains, prefix)
@@ -314,7 +358,11 @@ class LibvirtProvisioner(ClosingContext):
                     f"list domains at {uri} for cleanup: {_explain(exc)}"
                 ) from exc
             alive.update(found.name for found in domains if found.metadata is None)
-            ours = [(f.name, f.metadata) for f in domains if f.metadata is not None]
+            ours = [
+                (f.name, f.metadata)
+                for f in domains
+                if f.metadata is not None and f.name not in kept
+            ]
             # Concurrently: each destroy waits a second or two for its QEMU to exit.
             results = await asyncio.gather(
                 *(self._remove_orphan(uri, name, metadata) for name, metadata in ours)
@@ -379,6 +427,184 @@ class LibvirtProvisioner(ClosingContext):
         runner.exited = exited
         return exited
 
+    # -- ExitWatcher -------------------------------------------------------------------------
+
+    async def wait_exited(self, name: str) -> None:
+        """Return once :meth:`exited` is true for ``name``: its domain stopped (the guest
+        powered off or crashed), was destroyed or vanished, or (seen at the start) its runner
+        process has exited. Returns at once for an unknown or already ended runner.
+
+        Woken by the domain's lifecycle events, then confirmed with a lookup, so it returns
+        within milliseconds of libvirt reporting the domain stopped. A runner process that ends
+        while its guest keeps running raises no event; :meth:`exited` (which the Scaler polls)
+        sees that. Where the connection has no events (a driver without them, or
+        ``events=False``), it polls :meth:`exited` every 0.1 s growing to 2 s. If the connection
+        dies while waiting (libvirtd restarted), it watches again on a new one, retrying with
+        backoff. Cancel it to stop waiting. Raises :class:`LibvirtProvisionerError` when the
+        first look fails (libvirt unreachable) or the provisioner is closed.
+        """
+        retries = backoff(_REWATCH_FIRST, _REWATCH_MAX)
+        watched = False
+        while True:
+            self._check_open()
+            try:
+                if await self._wait_on_watch(name):
+                    return
+                watched = True
+            except LibvirtProvisionerError as exc:
+                if not watched or self._closed:
+                    raise
+                # Lost the connection and cannot watch again yet (libvirtd restarting).
+                self._log.debug("Cannot watch VM yet, retrying", name=name, error=str(exc))
+                await asyncio.sleep(next(retries))
+
+    async def _wait_on_watch(self, name: str) -> bool:
+        """Wait for ``name`` on its connection's watch: True once it ended, False when the
+        connection was lost (watch again). Without events, poll until it ended."""
+        runner = self._runners.get(name)
+        uri = runner.uri if runner is not None else self._uri
+        watch = await self._watch(uri)
+        if watch is None:
+            await self._poll_exited(name)
+            return True
+        waiter = watch.add(name)
+        try:
+            # Registered before looking: an end after this look wakes the waiter, one before
+            # it is seen by it. woken is cleared before each look for the same reason.
+            while not waiter.lost:
+                waiter.woken.clear()
+                if await self.exited(name):
+                    return True
+                await waiter.woken.wait()
+                if waiter.error is not None:
+                    raise waiter.error
+            return False
+        finally:
+            watch.discard(name, waiter)
+
+    async def _poll_exited(self, name: str) -> None:
+        for delay in backoff(_EXIT_POLL_FIRST, _EXIT_POLL_MAX):
+            if await self.exited(name):
+                return
+            await asyncio.sleep(delay)
+
+    async def _watch(self, uri: str) -> LifecycleWatch | None:
+        """The lifecycle subscription of ``uri``'s connection, made on first use; ``None`` when
+        that connection has no events."""
+        if not self._events or uri in self._no_events:
+            return None
+        watch = self._watches.get(uri)
+        if watch is not None and not watch.lost:
+            return watch
+        async with self._watching:  # one subscription per URI, even under concurrent waits
+            watch = self._watches.get(uri)
+            if watch is None or watch.lost:
+                # Shielded: a cancelled waiter must not strand a subscription made in a thread.
+                watch = await asyncio.shield(asyncio.ensure_future(self._subscribe(uri)))
+        return watch
+
+    async def _subscribe(self, uri: str) -> LifecycleWatch | None:
+        conn = await self._live_conn(uri)
+        watch = LifecycleWatch(conn, asyncio.get_running_loop(), self._watch_lost)
+        try:
+            await self._call(watch.register)
+        except libvirt.libvirtError as exc:
+            self._no_events.add(uri)
+            self._log.warning(
+                "No lifecycle events from libvirt; wait_exited polls instead",
+                uri=uri,
+                error=_explain(exc),
+            )
+            return None
+        if self._closed:  # close() ran meanwhile and did not see this one
+            await self._call(watch.deregister)
+            raise LibvirtProvisionerError("the libvirt provisioner is closed")
+        self._watches[uri] = watch
+        return watch
+
+    def _watch_lost(self, watch: LifecycleWatch) -> None:
+        """libvirt says a watched connection closed (libvirtd went away)."""
+        for uri, known in list(self._conns.items()):
+            if known is watch.conn:
+                self._drop(uri, known)
+        watch.lose()
+
+    # -- Adopter -----------------------------------------------------------------------------
+
+    async def adopt(self, name: str, runner: RunnerConfig) -> bool:
+        """Take over VM ``name`` of runner entry ``runner``, started by an earlier outrunner
+        process. True when the domain exists on the entry's connection, carries outrunner's
+        metadata for scale set ``runner.name``, runs, its guest agent answers ``guest-ping``
+        (retried for up to 10 s: a guest busy with a job may be slow) and, when the metadata
+        records the runner's PID, ``guest-exec-status`` does not report it exited. From then on
+        :meth:`stop`, :meth:`exited` and :meth:`wait_exited` handle it as if this instance had
+        started it (with the URI and file paths the metadata records).
+
+        False when there is no such domain, or it is not running, its agent is silent or its
+        runner has ended; the caller then calls :meth:`stop`, which removes it and its files.
+        False, logged and left alone, for a domain of that name that outrunner did not create
+        for this scale set. Raises :class:`LibvirtProvisionerError` when libvirt cannot be
+        asked.
+        """
+        self._check_open()
+        uri = connection_uri(runner.libvirt) if runner.libvirt is not None else self._uri
+        log = self._log.bind(name=name)
+        found = await self._inspect(uri, name)
+        if found is None:
+            log.info("Not adopting a VM that is gone")
+            return False
+        metadata = found.metadata
+        if metadata is None or metadata.scale_set != runner.name:
+            log.warning(
+                "Not adopting a VM outrunner did not create for this scale set",
+                scale_set=runner.name,
+            )
+            return False
+        record = self._runners.get(name)
+        if record is None:
+            # Known from here on, so that stop() finds its connection and files, whatever
+            # the answer.
+            record = _Runner(uri, _trusted_files(metadata, name), pid=metadata.pid)
+            self._runners[name] = record
+        reason = await self._unadoptable(name, found.domain, record)
+        if reason is not None:
+            record.exited = True
+            log.info("Not adopting a VM whose runner cannot be running", reason=reason)
+            return False
+        log.info("Adopted VM", uri=uri, pid=record.pid)
+        return True
+
+    async def _unadoptable(
+        self, name: str, domain: libvirt.virDomain, runner: _Runner
+    ) -> str | None:
+        """Why the runner in ``domain`` cannot be running, or None when it may be."""
+        try:
+            if not await self._call(_is_running, domain):
+                return "the domain is not running"
+        except libvirt.libvirtError as exc:
+            raise LibvirtProvisionerError(f"look up VM {name}: {_explain(exc)}") from exc
+        ping = json.dumps({"execute": "guest-ping"})
+        deadline = time.monotonic() + _ADOPT_PING_WINDOW
+        for delay in backoff(_POLL_MAX, _POLL_MAX * 8):
+            try:
+                await self._call(self._agent_command, domain, ping, _PING_TIMEOUT)
+                break
+            except libvirt.libvirtError as exc:
+                if time.monotonic() + delay >= deadline:
+                    return f"the guest agent does not answer: {_explain(exc)}"
+            await asyncio.sleep(delay)
+        if runner.pid is None:
+            return None  # a domain from before PIDs were recorded: the agent answering will do
+        command = {"execute": "guest-exec-status", "arguments": {"pid": runner.pid}}
+        try:
+            reply = await self._call(
+                self._agent_command, domain, json.dumps(command), _STATUS_TIMEOUT
+            )
+            exited = bool(json.loads(reply)["return"]["exited"])
+        except (libvirt.libvirtError, ValueError, KeyError, TypeError):
+            return None  # as in exited(): no answer counts as running
+        return "its runner process has exited" if exited else None
+
     # -- executor and connections ------------------------------------------------------------
 
     def _check_open(self) -> None:
@@ -419,6 +645,10 @@ class LibvirtProvisioner(ClosingContext):
         return conn
 
     async def _connect(self, uri: str) -> libvirt.virConnect:
+        if self._events:
+            # Before the first connection: libvirt hooks a connection into its event loop (for
+            # events and keepalive) only if one is registered when it opens.
+            ensure_event_loop()
         try:
             conn = await self._call(libvirt.open, uri)
         except libvirt.libvirtError as exc:
@@ -433,8 +663,12 @@ class LibvirtProvisioner(ClosingContext):
         if self._conns.get(uri) is conn:
             del self._conns[uri]
             self._log.warning("libvirt connection lost; reconnecting on next use", uri=uri)
+            watch = self._watches.get(uri)
+            if watch is not None and watch.conn is conn:
+                del self._watches[uri]
+                watch.lose()  # its waiters watch again, on the next connection
             with contextlib.suppress(RuntimeError):  # the executor is already shut down
-                self._workers.executor.submit(_close_quietly, conn)
+                self._workers.executor.submit(_retire, conn, watch)
 
     # -- start -------------------------------------------------------------------------------
 
@@ -534,6 +768,26 @@ class LibvirtProvisioner(ClosingContext):
             )
         return pid
 
+    async def _record_pid(self, domain: libvirt.virDomain, metadata: RunnerMetadata) -> None:
+        """Add the runner's PID to the domain's metadata, so that a process adopting it later
+        can ask the agent whether the runner exited. Not fatal: without it, adoption goes by
+        the domain and its agent alone."""
+        try:
+            await self._call(
+                domain.setMetadata,
+                libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+                render_metadata(metadata),
+                METADATA_PREFIX,
+                METADATA_NS,
+                libvirt.VIR_DOMAIN_AFFECT_LIVE,
+            )
+        except libvirt.libvirtError as exc:
+            self._log.warning(
+                "Cannot record the runner's PID in the VM's metadata",
+                name=domain.name(),
+                error=_explain(exc),
+            )
+
     async def _undo_start(
         self,
         name: str,
@@ -609,7 +863,10 @@ def _alive(conn: libvirt.virConnect) -> bool:
         return False
 
 
-def _close_quietly(conn: libvirt.virConnect) -> None:
+def _retire(conn: libvirt.virConnect, watch: LifecycleWatch | None) -> None:
+    """Close a dead connection, after taking our callbacks off it (they keep it referenced)."""
+    if watch is not None and watch.conn is conn:
+        watch.deregister()
     with contextlib.suppress(libvirt.libvirtError):
         conn.close()
 

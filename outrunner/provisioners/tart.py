@@ -13,10 +13,19 @@ exit, ``tart delete <name>``. A VM that is already stopped or gone is not an err
 that fails or is cancelled at any step tears down what it made (processes and clone) before
 raising :class:`TartProvisionerError`. See ``docs/tart.md``.
 
-Async model: every tart call is a subprocess made with :func:`asyncio.create_subprocess_exec`;
-nothing blocks the event loop and no thread is used. Every tart process gets its own session,
-so a Ctrl-C in outrunner's terminal reaches outrunner (which then stops its VMs in order), not
-the VMs directly.
+Async model: no thread is used and nothing blocks the event loop. Short tart calls (``clone``,
+``set``, probes, ``stop``, ``delete``, ``list``) are :func:`asyncio.create_subprocess_exec`
+subprocesses. The two background processes are plain :class:`subprocess.Popen` children,
+polled from the event loop (a non-blocking ``waitpid`` every 50 ms, growing to 0.5 s): asyncio's
+subprocess transport kills its process when it is closed or garbage collected, which would end
+the VM and the runner with outrunner's own exit.
+
+The VM and its runner outlive outrunner: every tart process gets its own session (a Ctrl-C in
+outrunner's terminal, or a signal to its process group, does not reach them), the background
+processes read nothing (stdin is ``/dev/null``) and write only to their capture files, never to
+a pipe whose reader could die (a write would then kill them with SIGPIPE), and :meth:`close`
+leaves them running. A restarted outrunner takes a live VM over with
+:meth:`TartProvisioner.adopt`.
 
 Output capture: the stdout and stderr of the two background processes (``run``, labelled
 ``vm``, and the runner's ``exec``, labelled ``runner``) go to a file each,
@@ -33,17 +42,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import stat
+import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
-from outrunner._aio import ClosingContext, backoff
+from outrunner._aio import ClosingContext, backoff, cancel_and_wait
 from outrunner.config import RunnerConfig, TartImage, TartMount
 from outrunner.log import BoundLogger, get_logger
 from outrunner.provisioner import ProvisionerError, RunnerRequest, is_runner_name
@@ -75,6 +86,17 @@ _DELETE_RETRY: Final = 10.0
 _NO_ANSWER: Final = "no answer yet"
 _EXIT_NOT_FOUND: Final = 2
 """tart's exit status for "does not exist", "is not running" and "is already running"."""
+_REAP_FIRST: Final = 0.05
+_REAP_MAX: Final = 0.5
+"""A background process is polled this often (seconds, growing): how soon its end is seen."""
+_ADOPTED_POLL_FIRST: Final = 0.5
+_ADOPTED_POLL_MAX: Final = 5.0
+"""``wait_exited`` of an adopted VM asks ``tart list`` this often (seconds, growing)."""
+
+# Background processes that close() left running, on purpose: referenced here so that Python
+# neither warns about them ("subprocess ... is still running") when their provisioner is
+# garbage collected nor leaves them unreaped when they end (pruned at every launch and close).
+_LEFT_RUNNING: set[subprocess.Popen[bytes]] = set()
 
 
 class TartProvisionerError(ProvisionerError):
@@ -115,14 +137,15 @@ class _Result:
 class _Background:
     """A long-running tart process (``run`` or the runner's ``exec``) with its output in a file.
 
-    A watcher task waits for the process; when it exits by itself with a non-zero status while
+    A watcher task polls the process; when it exits by itself with a non-zero status while
     the runner is not being stopped, the failure is reported (tail logged, file kept).
+    :meth:`settle` reports such an exit at once, before a stop makes every exit expected.
     """
 
     def __init__(
         self,
         label: str,
-        process: asyncio.subprocess.Process,
+        process: subprocess.Popen[bytes],
         path: Path,
         log: BoundLogger,
     ) -> None:
@@ -133,17 +156,30 @@ class _Background:
         """Keep the capture file: a failure was reported and points at it."""
         self.expected = False
         """The runner is being stopped: an exit now is not a failure."""
+        self._settled = False
         self._log = log
         self.watcher = asyncio.create_task(self._watch(), name=f"tart-{label}:{path.name}")
 
     @property
     def exited(self) -> bool:
-        return self.process.returncode is not None
+        """Whether the process has ended (asks the kernel: a non-blocking ``waitpid``)."""
+        return self.process.poll() is not None
 
     async def _watch(self) -> None:
-        status = await self.process.wait()
-        if self.expected:
+        self._ended(await _reaped(self.process))
+
+    def settle(self) -> None:
+        """If the process has ended by itself and the watcher has not seen it yet (it polls),
+        report that now."""
+        status = self.process.poll()
+        if status is not None:
+            self._ended(status)
+
+    def _ended(self, status: int | None) -> None:
+        """Report how the process ended, once."""
+        if self._settled or self.expected:
             return
+        self._settled = True
         if status != 0:
             self.report(f"tart {self._verb} exited with status {status}")
         else:
@@ -178,13 +214,45 @@ class _Background:
         """Make sure the process is gone: ``signum``, then SIGKILL after :data:`_GRACE`."""
         self.expected = True
         if not self.exited:
-            await _terminate(self.process, signum)
-        await asyncio.wait({self.watcher})
+            self.process.send_signal(signum)  # a no-op once it has been reaped
+            if await _reaped(self.process, _GRACE) is None:
+                self.process.kill()
+                await _reaped(self.process)
+        await cancel_and_wait(self.watcher)
+
+    def detach(self) -> None:
+        """Stop watching the process and leave it running (see :meth:`TartProvisioner.close`)."""
+        self.watcher.cancel()
+        if not self.exited:
+            _LEFT_RUNNING.add(self.process)
 
     def discard(self) -> None:
         """Remove the capture file unless a failure points at it."""
         if not self.keep:
             self.path.unlink(missing_ok=True)
+
+
+async def _reaped(process: subprocess.Popen[bytes], timeout: float | None = None) -> int | None:
+    """Poll ``process`` until it has ended (and is reaped); its status, or None once ``timeout``
+    seconds passed first."""
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
+    delays = backoff(_REAP_FIRST, _REAP_MAX)
+    while (status := process.poll()) is None:
+        delay = next(delays)
+        if deadline is not None:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return None
+            delay = min(delay, remaining)
+        await asyncio.sleep(delay)
+    return status
+
+
+def _prune_left_running() -> None:
+    for process in list(_LEFT_RUNNING):
+        if process.poll() is not None:
+            _LEFT_RUNNING.discard(process)
 
 
 async def _terminate(process: asyncio.subprocess.Process, signum: int) -> None:
@@ -211,6 +279,11 @@ class _Machine:
     runner: _Background | None = None
     may_run: bool = True
     """False until a start launches ``tart run``: before that, stopping is pointless."""
+    adopted: bool = False
+    """Taken over from an earlier process (:meth:`TartProvisioner.adopt`): no process here is
+    ours; the VM's state comes from ``tart list``."""
+    runner_pid: int | None = None
+    """Adopted: the PID of the runner's ``tart exec``, found in the host's process list."""
     began: float = field(default_factory=time.monotonic)
 
     def backgrounds(self) -> Iterator[_Background]:
@@ -271,8 +344,7 @@ class TartProvisioner(ClosingContext):
         On failure or cancellation the processes are ended and the clone is deleted before
         this returns. Raises :class:`TartProvisionerError`.
         """
-        if self._closed:
-            raise TartProvisionerError("the Tart provisioner is closed")
+        self._check_open()
         options = _options_of(request)
         name = request.name
         dirs = [_dir_argument(m, name) for m in options.mounts]  # before anything is made
@@ -321,41 +393,48 @@ class TartProvisioner(ClosingContext):
         self._log.debug("VM deleted", name=name)
 
     async def close(self) -> None:
-        """Stop and delete every VM this instance started and has not stopped yet; safe to
-        call more than once. (Unlike containers, a VM outlives outrunner only as a stray
-        ``tart run`` child, so close does not leave them to the next start's cleanup.)"""
+        """Stop watching and leave every VM running, with its ``tart run`` and runner's
+        ``tart exec``; safe to call more than once. Teardowns of failed or cancelled starts
+        are awaited. A :meth:`wait_exited` still waiting raises :class:`TartProvisionerError`.
+
+        VMs are left alone: stopping runners is the Scaler's job, and a restarted outrunner
+        adopts (:meth:`adopt`) or cleans up (:meth:`cleanup`) what is left. :meth:`stop` still
+        works afterwards.
+        """
         if self._closed:
             return
         self._closed = True
-        names = [n for n, m in self._machines.items() if m.runner is not None]
-        if names:
-            self._log.info("Stopping VMs left running", count=len(names))
-            results = await asyncio.gather(*(self.stop(n) for n in names), return_exceptions=True)
-            for name, result in zip(names, results, strict=True):
-                if isinstance(result, Exception):
-                    self._log.error("Failed to stop VM", name=name, error=str(result))
-                elif isinstance(result, BaseException):
-                    raise result
         if self._pending:
             await asyncio.wait(set(self._pending))
+        running = 0
+        for machine in self._machines.values():
+            for background in machine.backgrounds():
+                background.detach()
+            running += machine.runner is not None and not machine.runner.exited
+        if running:
+            self._log.info("Leaving VMs running", count=running)
+        _prune_left_running()
 
     # -- OrphanCleaner ---------------------------------------------------------------------------
 
-    async def cleanup(self, prefix: str) -> list[str]:
+    async def cleanup(self, prefix: str, *, keep: Collection[str] = ()) -> list[str]:
         """Stop and delete the local VMs whose name is a runner name of ``prefix`` (see
-        :func:`~outrunner.provisioner.is_runner_name`); return their names. VMs that could not
-        be deleted are logged and left out.
+        :func:`~outrunner.provisioner.is_runner_name`), except those named in ``keep`` (adopted
+        runners); return their names. VMs that could not be deleted are logged and left out.
 
         Tart VMs carry no labels, so any local VM named ``<prefix><8 hex digits>`` is taken
         for an earlier run's runner.
         """
+        kept = frozenset(keep)
         listed = await self._tart(
             self._tart_path, ["list", "--source", "local", "--quiet"], timeout=_COMMAND_TIMEOUT
         )
         if not listed.ok:
             raise TartProvisionerError(f"list local VMs: {listed.reason()}")
         listed_names = (line.strip() for line in listed.stdout.splitlines())
-        names = sorted({name for name in listed_names if is_runner_name(name, prefix)})
+        names = sorted(
+            {name for name in listed_names if is_runner_name(name, prefix) and name not in kept}
+        )
         results = await asyncio.gather(*(self.stop(n) for n in names), return_exceptions=True)
         removed = []
         for name, result in zip(names, results, strict=True):
@@ -372,11 +451,124 @@ class TartProvisioner(ClosingContext):
     async def exited(self, name: str) -> bool:
         """True when the runner's environment can no longer run a job: its ``tart run`` or
         its runner's ``tart exec`` has ended, or this instance is not running ``name``. No
-        tart call: it looks at the processes this instance started."""
+        tart call for the VMs this instance started (it looks at their processes); for an
+        adopted one, its runner's ``tart exec`` must still be alive and ``tart list`` must
+        show the VM running."""
         machine = self._machines.get(name)
-        if machine is None or machine.vm is None or machine.runner is None:
+        if machine is None:
+            return True
+        if machine.adopted:
+            return await self._adopted_ended(machine)
+        if machine.vm is None or machine.runner is None:
             return True
         return machine.vm.exited or machine.runner.exited
+
+    # -- ExitWatcher -----------------------------------------------------------------------
+
+    async def wait_exited(self, name: str) -> None:
+        """Return once :meth:`exited` is true for ``name``: for a VM this instance started,
+        when its ``tart run`` or its runner's ``tart exec`` ends (seen within 0.5 s); for an
+        adopted VM, which has no process of ours, by asking as :meth:`exited` does, every
+        0.5 s growing to 5 s. Returns at once for an unknown or already ended runner. Cancel it
+        to stop waiting. Raises :class:`TartProvisionerError` when the provisioner is closed
+        (also while waiting), or ``tart list`` fails for an adopted VM.
+        """
+        self._check_open()
+        machine = self._machines.get(name)
+        if machine is None:
+            return
+        if machine.adopted:
+            for delay in backoff(_ADOPTED_POLL_FIRST, _ADOPTED_POLL_MAX):
+                if await self._adopted_ended(machine):
+                    return
+                await asyncio.sleep(delay)
+                self._check_open()
+        if machine.vm is None or machine.runner is None:
+            return
+        vm, runner = machine.vm, machine.runner
+        # asyncio.wait neither cancels the watchers nor leaves a task behind when cancelled.
+        await asyncio.wait({vm.watcher, runner.watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if not (vm.exited or runner.exited):
+            self._check_open()  # the watchers were detached by close()
+
+    # -- Adopter -----------------------------------------------------------------------------
+
+    async def adopt(self, name: str, runner: RunnerConfig) -> bool:
+        """Take over VM ``name`` of runner entry ``runner``, started by an earlier outrunner
+        process. True when ``name`` is a runner name of scale set ``runner.name``, ``tart list``
+        shows it running and the runner's ``tart exec`` (found in the host's process list:
+        ``tart exec <name> ... --jitconfig``) is alive. From then on :meth:`stop`,
+        :meth:`exited` and :meth:`wait_exited` handle it (with the entry's ``tart_path``).
+
+        False when the VM is gone or stopped, or its runner's ``tart exec`` has ended; the
+        caller then calls :meth:`stop`, which deletes it. False, logged and left alone, for a
+        name that is not a runner name of this scale set (Tart VMs carry no other mark).
+        Raises :class:`TartProvisionerError` when ``tart list`` or ``ps`` fails.
+        """
+        self._check_open()
+        log = self._log.bind(name=name)
+        if not is_runner_name(name, f"{runner.name}-"):
+            log.warning("Not adopting a VM not named as a runner of this scale set")
+            return False
+        current = self._machines.get(name)
+        if current is not None and not current.adopted:
+            return not await self.exited(name)  # started by this instance
+        tart = runner.tart.tart_path if runner.tart is not None else self._tart_path
+        # Known from here on, so that stop() runs the entry's tart, whatever the answer.
+        machine = self._machines[name] = _Machine(name, tart, adopted=True)
+        state = await self._vm_state(tart, name)
+        if state != "running":
+            log.info("Not adopting a VM that is not running", state=state or "gone")
+            return False
+        machine.runner_pid = await self._find_runner_exec(name)
+        if machine.runner_pid is None:
+            log.info("Not adopting a VM whose runner (tart exec) has ended")
+            return False
+        log.info("Adopted VM", runner_pid=machine.runner_pid)
+        return True
+
+    async def _adopted_ended(self, machine: _Machine) -> bool:
+        if machine.runner_pid is None or not _pid_alive(machine.runner_pid):
+            return True
+        return await self._vm_state(machine.tart, machine.name) != "running"
+
+    async def _vm_state(self, tart: str, name: str) -> str | None:
+        """What ``tart list`` says of local VM ``name`` (``running``, ``stopped``, ...);
+        None when there is no such VM."""
+        listed = await self._tart(
+            tart, ["list", "--source", "local", "--format", "json"], timeout=_COMMAND_TIMEOUT
+        )
+        if not listed.ok:
+            raise TartProvisionerError(f"list local VMs: {listed.reason()}")
+        try:
+            entries: Any = json.loads(listed.stdout or "[]")
+        except ValueError as exc:
+            raise TartProvisionerError(f"list local VMs: tart printed no JSON: {exc}") from None
+        for entry in entries if isinstance(entries, list) else []:
+            if isinstance(entry, dict) and entry.get("Name") == name:
+                state = entry.get("State")
+                if isinstance(state, str):
+                    return state.lower()
+                return "running" if entry.get("Running") else "stopped"  # before tart 2.x
+        return None
+
+    async def _find_runner_exec(self, name: str) -> int | None:
+        """The PID of the runner's ``tart exec`` of VM ``name``, from ``ps``. Its command line
+        holds the JIT config: none of it is logged."""
+        listed = await self._command(
+            "ps", ["-A", "-ww", "-o", "pid=,args="], timeout=_COMMAND_TIMEOUT
+        )
+        if not listed.ok:
+            raise TartProvisionerError(f"list processes: ps failed: {listed.reason()}")
+        for line in listed.stdout.splitlines():
+            pid, _, args = line.strip().partition(" ")
+            if pid.isdigit() and _is_runner_exec(args.split(), name):
+                return int(pid)
+        return None
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TartProvisionerError("the Tart provisioner is closed")
 
     # -- steps -----------------------------------------------------------------------------
 
@@ -400,7 +592,7 @@ class TartProvisioner(ClosingContext):
         last = _NO_ANSWER
         for delay in backoff(_PROBE_FIRST, _PROBE_MAX):
             if vm.exited:
-                await asyncio.wait({vm.watcher})  # a non-zero exit is reported there
+                vm.settle()  # reports a non-zero exit
                 if not vm.keep:  # exit status 0: the guest shut down; still a failed start
                     vm.report("tart run exited while the VM was booting")
                 raise TartProvisionerError(
@@ -434,12 +626,14 @@ class TartProvisioner(ClosingContext):
     async def _launch(self, machine: _Machine, label: str, args: Sequence[str]) -> _Background:
         """Start ``tart <args>`` in the background with its output in a capture file."""
         directory = self._capture_dir()
+        _prune_left_running()
         fd, path = tempfile.mkstemp(prefix=f"{machine.name}-{label}-", suffix=".log", dir=directory)
         try:
-            process = await asyncio.create_subprocess_exec(
-                machine.tart,
-                *args,
-                stdin=asyncio.subprocess.DEVNULL,
+            # Not an asyncio subprocess: see the module docstring. Popen returns once the
+            # child is spawned, as asyncio's own subprocess_exec does (it calls Popen too).
+            process = subprocess.Popen(  # noqa: ASYNC220
+                [machine.tart, *args],
+                stdin=subprocess.DEVNULL,
                 stdout=fd,
                 stderr=fd,
                 start_new_session=True,
@@ -478,6 +672,7 @@ class TartProvisioner(ClosingContext):
         """End the runner's exec, stop the VM, delete it; remove capture files unless kept."""
         name = machine.name
         for background in machine.backgrounds():
+            background.settle()  # a failure before the stop is still one
             background.expected = True  # `tart stop` below ends `tart run` before we do
         if machine.runner is not None:
             await machine.runner.end(signal.SIGTERM)
@@ -496,6 +691,16 @@ class TartProvisioner(ClosingContext):
         await self._delete(machine)
         for background in machine.backgrounds():
             background.discard()
+        if machine.adopted:
+            self._discard_adopted_captures(name)
+
+    def _discard_adopted_captures(self, name: str) -> None:
+        """Remove the capture files the process that started an adopted VM left: its runner
+        was alive when adopted, so they record no failure."""
+        directory = self._log_dir or default_log_dir()
+        for label in ("vm", "runner"):
+            for path in directory.glob(f"{name}-{label}-*.log"):
+                path.unlink(missing_ok=True)
 
     async def _delete(self, machine: _Machine) -> None:
         loop = asyncio.get_running_loop()
@@ -525,9 +730,15 @@ class TartProvisioner(ClosingContext):
 
         Never pass the JIT config here: ``args`` may end up in messages.
         """
+        return await self._command(tart, args, timeout=timeout)
+
+    async def _command(
+        self, program: str, args: Sequence[str], *, timeout: float | None
+    ) -> _Result:
+        """Run a short command (tart, ps) and collect its output; killed after ``timeout``."""
         try:
             process = await asyncio.create_subprocess_exec(
-                tart,
+                program,
                 *args,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
@@ -535,7 +746,7 @@ class TartProvisioner(ClosingContext):
                 start_new_session=True,
             )
         except OSError as exc:
-            raise TartProvisionerError(_cannot_run(tart, exc)) from exc
+            raise TartProvisionerError(_cannot_run(program, exc)) from exc
         try:
             async with asyncio.timeout(timeout):
                 stdout, stderr = await process.communicate()
@@ -611,6 +822,25 @@ def _private_dir(path: Path) -> None:
             f"log directory {path} is not a directory owned by this user and writable only by "
             "it; remove it or pass another log_dir"
         )
+
+
+def _is_runner_exec(argv: Sequence[str], name: str) -> bool:
+    """Whether a command line is ``... exec <name> <runner_cmd> ... --jitconfig ...``: the
+    runner's ``tart exec`` of VM ``name`` (a boot probe has no ``--jitconfig``)."""
+    for i, word in enumerate(argv[:-1]):
+        if word == "exec" and argv[i + 1] == name:
+            return "--jitconfig" in argv[i + 2 :]
+    return False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process got that PID: ours has ended
+        return False
+    return True
 
 
 def _cannot_run(tart: str, exc: OSError) -> str:

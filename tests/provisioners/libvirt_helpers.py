@@ -115,6 +115,11 @@ def agent(domain: libvirt.virDomain, execute: str, **arguments: Any) -> Any:
     return json.loads(reply)["return"]
 
 
+def power_off(domain: libvirt.virDomain) -> None:
+    """Make the guest power off at once (busybox ``poweroff -f`` through the agent)."""
+    agent(domain, "guest-exec", path="/bin/sh", arg=["-c", "poweroff -f"])
+
+
 def read_guest_file(domain: libvirt.virDomain, path: str) -> bytes | None:
     """A file's content read through the guest agent (guest-file-open/read/close); None if the
     guest has no such file."""

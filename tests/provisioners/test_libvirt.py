@@ -12,6 +12,7 @@ import logging
 import secrets
 import shutil
 import subprocess
+import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ import pytest
 
 from outrunner.config import LibvirtImage
 from outrunner.provisioner import RunnerRequest
+from outrunner.provisioners import libvirt as libvirt_provisioner
+from outrunner.provisioners._libvirt_events import EVENT_THREAD_NAME
 from outrunner.provisioners._libvirt_xml import METADATA_NS, RunnerFiles, parse_metadata
 from outrunner.provisioners.libvirt import (
     LibvirtProvisioner,
@@ -508,3 +511,194 @@ async def test_unsearchable_overlay_dir_is_warned_about_once(
             )
     await provisioner.close()
     assert caplog.text.count("not searchable by others") == 1
+
+
+# -- wait_exited -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["destroy", "shutdown"])
+async def test_wait_exited_returns_when_the_domain_stops(env: Env, how: str) -> None:
+    req = env.request()
+    await env.provisioner.start(req)
+    waiting = asyncio.create_task(env.provisioner.wait_exited(req.name))
+    await asyncio.sleep(0.2)
+    assert not waiting.done()
+    domain = env.domain(req.name)
+    assert domain is not None
+    if how == "destroy":
+        domain.destroy()  # by hand
+    else:
+        domain.shutdown()  # the guest powers off
+    await asyncio.wait_for(waiting, 2)
+    assert await env.provisioner.exited(req.name)
+    await env.provisioner.stop(req.name)
+    assert env.files() == []
+
+
+async def test_wait_exited_returns_at_once_when_unknown_or_already_ended(env: Env) -> None:
+    await asyncio.wait_for(env.provisioner.wait_exited(runner_name(env.scale_set)), 2)
+    req = env.request()
+    await env.provisioner.start(req)
+    env.agent.exited.add(req.name)  # the runner process ended; the guest stays up
+    await asyncio.wait_for(env.provisioner.wait_exited(req.name), 2)
+    await env.provisioner.stop(req.name)
+
+
+async def test_wait_exited_polls_where_there_are_no_events(
+    overlays: Path, fake_agent: FakeAgent, env: Env
+) -> None:
+    req = env.request()
+    async with LibvirtProvisioner(
+        uri=TEST_URI, overlay_dir=str(overlays), agent_command=fake_agent, events=False
+    ) as polling:
+        await polling.start(req)
+        waiting = asyncio.create_task(polling.wait_exited(req.name))
+        await asyncio.sleep(0.3)
+        assert not waiting.done()
+        env.conn.lookupByName(req.name).destroy()
+        await asyncio.wait_for(waiting, 5)
+        assert polling._watches == {}
+        await polling.stop(req.name)
+
+
+async def test_wait_exited_watches_again_after_the_connection_died(env: Env) -> None:
+    req = env.request()
+    await env.provisioner.start(req)
+    waiting = asyncio.create_task(env.provisioner.wait_exited(req.name))
+    await asyncio.sleep(0.1)
+    dead = env.provisioner._conns[TEST_URI]
+    dead.close()  # as if libvirtd had restarted
+    # The next call notices (the Scaler polls exited()); the waiter moves to a new connection.
+    assert await env.provisioner.exited(req.name) is False
+    await asyncio.sleep(0.1)
+    assert not waiting.done()
+    assert env.provisioner._watches[TEST_URI].conn is not dead
+    env.conn.lookupByName(req.name).destroy()
+    await asyncio.wait_for(waiting, 5)
+    await env.provisioner.stop(req.name)
+
+
+async def test_wait_exited_raises_when_the_provisioner_closes(overlays: Path, env: Env) -> None:
+    req = env.request()
+    provisioner = LibvirtProvisioner(
+        uri=TEST_URI, overlay_dir=str(overlays), agent_command=env.agent
+    )
+    await provisioner.start(req)
+    waiting = asyncio.create_task(provisioner.wait_exited(req.name))
+    await asyncio.sleep(0.1)
+    await provisioner.close()
+    with pytest.raises(LibvirtProvisionerError, match="closed"):
+        await asyncio.wait_for(waiting, 2)
+    assert env.domain(req.name) is not None  # close leaves VMs alone
+    async with LibvirtProvisioner(uri=TEST_URI, overlay_dir=str(overlays)) as fresh:
+        await fresh.stop(req.name)
+
+
+def event_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == EVENT_THREAD_NAME]
+
+
+async def test_one_event_thread_per_process_whatever_the_provisioners(env: Env) -> None:
+    # libvirt's default event loop cannot be unregistered, and connections opened after it was
+    # registered need it to run (keepalive): one thread for the process's lifetime, idle in
+    # poll(). Provisioners come and go without adding threads, and close their pools.
+    await env.provisioner.wait_exited(runner_name(env.scale_set))
+    assert len(event_threads()) == 1
+    before = set(threading.enumerate())
+    for _ in range(3):
+        async with LibvirtProvisioner(uri=TEST_URI, agent_command=env.agent) as other:
+            req = env.request()
+            await other.start(req)
+            waiting = asyncio.create_task(other.wait_exited(req.name))
+            await asyncio.sleep(0.05)
+            await other.stop(req.name)
+            await asyncio.wait_for(waiting, 2)
+    assert len(event_threads()) == 1
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while set(threading.enumerate()) - before:
+        assert loop.time() < deadline, f"threads left: {set(threading.enumerate()) - before}"
+        await asyncio.sleep(0.05)
+
+
+# -- adopt -------------------------------------------------------------------------------------
+
+
+async def test_a_fresh_provisioner_adopts_a_runner_and_learns_its_pid(env: Env) -> None:
+    req = env.request()
+    async with LibvirtProvisioner(uri=TEST_URI, agent_command=env.agent) as earlier:
+        await earlier.start(req)
+    domain = env.domain(req.name)
+    assert domain is not None
+    metadata = parse_metadata(domain.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS))
+    assert metadata is not None
+    assert metadata.pid == 101  # the fake agent's first PID, recorded after guest-exec
+
+    assert await env.provisioner.adopt(req.name, req.runner) is True
+    assert await env.provisioner.exited(req.name) is False
+    waiting = asyncio.create_task(env.provisioner.wait_exited(req.name))
+    await asyncio.sleep(0.1)
+    assert not waiting.done()
+    env.agent.exited.add(req.name)  # the runner exits; the agent knows it by the recorded PID
+    assert await env.provisioner.exited(req.name) is True
+    waiting.cancel()
+    await env.provisioner.stop(req.name)
+    assert env.domain(req.name) is None
+    assert env.files() == []
+
+
+async def test_adopt_refuses_what_is_not_a_live_runner_of_this_scale_set(
+    env: Env, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(libvirt_provisioner, "_ADOPT_PING_WINDOW", 0.3)
+    runner = env.request().runner
+    assert await env.provisioner.adopt(runner_name(env.scale_set), runner) is False  # unknown
+    # Not ours: no metadata, or another scale set's. Refused, logged and left alone.
+    foreign = runner_name(env.scale_set)
+    foreign_domain(env.conn, foreign)
+    other = request_for(runner_config(f"{env.scale_set}-arm", **options(env.golden, env.overlays)))
+    async with LibvirtProvisioner(uri=TEST_URI, agent_command=env.agent) as earlier:
+        await earlier.start(other)
+        # Ours, but its runner has ended, or its guest agent is silent.
+        ended, silent = env.request(), env.request()
+        await earlier.start(ended)
+        await earlier.start(silent)
+    env.agent.exited.add(ended.name)
+    with caplog.at_level(logging.INFO):
+        assert await env.provisioner.adopt(foreign, runner) is False
+        assert await env.provisioner.adopt(other.name, runner) is False
+        assert await env.provisioner.adopt(ended.name, runner) is False
+        env.agent.answers = False
+        assert await env.provisioner.adopt(silent.name, runner) is False
+    assert caplog.text.count("did not create for this scale set") == 2
+    reasons = [
+        getattr(r, "attrs", {}).get("reason", "")
+        for r in caplog.records
+        if r.getMessage() == "Not adopting a VM whose runner cannot be running"
+    ]
+    assert reasons[0] == "its runner process has exited"
+    assert reasons[1].startswith("the guest agent does not answer")
+    assert env.domain(foreign) is not None
+    assert env.domain(other.name) is not None
+    # The caller stops what adopt refused: ours goes, with its files; the foreign one stays.
+    for name in (foreign, ended.name, silent.name):
+        await env.provisioner.stop(name)
+    assert domain_names(env.conn, env.scale_set) == sorted([foreign, other.name])
+    assert env.files() == [f"{other.name}.qcow2"]
+    destroy_domains(env.conn, f"{env.scale_set}-arm")
+
+
+async def test_cleanup_keeps_the_domains_and_files_of_kept_runners(env: Env) -> None:
+    kept, gone, orphan = env.request(), env.request(), env.request()
+    async with LibvirtProvisioner(uri=TEST_URI, agent_command=env.agent) as earlier:
+        for req in (kept, gone, orphan):
+            await earlier.start(req)
+    for req in (gone, orphan):  # their VMs are gone, their overlays are left
+        env.conn.lookupByName(req.name).destroy()
+    removed = await env.provisioner.cleanup(f"{env.scale_set}-", keep={kept.name, gone.name})
+    assert removed == [orphan.name]
+    assert domain_names(env.conn, env.scale_set) == [kept.name]
+    assert env.files() == sorted([f"{kept.name}.qcow2", f"{gone.name}.qcow2"])
+    await env.provisioner.stop(kept.name)
+    await env.provisioner.stop(gone.name)
+    assert env.files() == []

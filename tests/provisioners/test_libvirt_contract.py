@@ -18,7 +18,13 @@ import pytest
 from outrunner.provisioner import RunnerRequest
 from outrunner.provisioners.libvirt import LibvirtProvisioner, LibvirtProvisionerError
 from outrunner.testing.contract import ProvisionerContract
-from tests.provisioners.libvirt_helpers import TEST_URI, FakeAgent, runner_config, vm_options
+from tests.provisioners.libvirt_helpers import (
+    TEST_URI,
+    FakeAgent,
+    power_off,
+    runner_config,
+    vm_options,
+)
 from tests.support.guest import Guest
 from tests.support.libvirt_daemon import (
     SESSION_PREFIX,
@@ -109,6 +115,8 @@ def golden_dir() -> Iterator[Path]:
 
 
 class TestLibvirtContractOnTestDriver(_LibvirtContract):
+    """The test driver has no guest: a runner "exits" as a guest that powers off after it."""
+
     scale_set_prefix = "tdrvc"
     uri = TEST_URI
     foreign_type = "test"
@@ -127,6 +135,10 @@ class TestLibvirtContractOnTestDriver(_LibvirtContract):
             yield
         finally:
             self.conn.close()
+
+    async def make_runner_exit(self, provisioner: LibvirtProvisioner, name: str) -> bool:
+        await asyncio.to_thread(lambda: self.conn.lookupByName(name).shutdown())
+        return True
 
     def options(self) -> dict[str, object]:
         return {
@@ -171,6 +183,12 @@ class TestLibvirtContractOnQemu(_LibvirtContract):
 
     def options(self) -> dict[str, object]:
         return vm_options(self.guest, self.overlays)
+
+    async def make_runner_exit(self, provisioner: LibvirtProvisioner, name: str) -> bool:
+        # wait_exited watches the domain: a runner's end shows as its guest powering off, as a
+        # golden image that shuts down after its runner does.
+        await asyncio.to_thread(power_off, self.conn.lookupByName(name))
+        return True
 
     async def make_provisioner(self) -> LibvirtProvisioner:
         return LibvirtProvisioner(overlay_dir=str(self.overlays))

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import glob
+import json
 import logging
 import os
 import secrets
+import sys
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ from outrunner.provisioners.libvirt import LibvirtProvisioner, LibvirtProvisione
 from outrunner.testing.contract import runner_name
 from tests.provisioners.libvirt_helpers import (
     guest_run,
+    power_off,
     read_guest_file,
     request_for,
     runner_config,
@@ -262,3 +265,94 @@ async def test_cleanup_after_a_previous_run(vm: Vm) -> None:
     domain = await vm.domain(foreign)
     assert domain is not None
     await asyncio.to_thread(domain.destroy)
+
+
+# -- exits and adoption ------------------------------------------------------------------------
+
+OUTRUNNER = """
+import asyncio, json, sys
+from outrunner.config import LibvirtImage, RunnerConfig
+from outrunner.provisioner import RunnerRequest
+from outrunner.provisioners.libvirt import LibvirtProvisioner
+
+async def main(scale_set, name, options):
+    runner = RunnerConfig(name=scale_set, labels=("linux",), libvirt=LibvirtImage(**options))
+    provisioner = LibvirtProvisioner.for_runner(runner)
+    await provisioner.start(RunnerRequest(name, "jit", runner))
+    print("started", flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main(sys.argv[1], sys.argv[2], json.loads(sys.argv[3])))
+"""
+"""An outrunner process that starts one runner VM, then lives until it is killed."""
+
+
+async def test_a_vm_outlives_its_sigkilled_outrunner_and_is_adopted(vm: Vm) -> None:
+    req = vm.request()
+    options = vm_options(vm.guest, vm.overlays)
+    outrunner = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        OUTRUNNER,
+        *(vm.scale_set, req.name, json.dumps(options)),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert outrunner.stdout is not None
+    assert await asyncio.wait_for(outrunner.stdout.readline(), 120) == b"started\n"
+    outrunner.kill()  # SIGKILL: its libvirt connection drops with it
+    await outrunner.wait()
+    await asyncio.sleep(0.5)
+
+    assert await vm.domains() == [req.name]
+    async with LibvirtProvisioner(overlay_dir=str(vm.overlays / "elsewhere")) as fresh:
+        assert await fresh.adopt(req.name, req.runner) is True
+        assert await fresh.exited(req.name) is False  # the runner PID from the metadata
+        waiting = asyncio.create_task(fresh.wait_exited(req.name))
+        await asyncio.sleep(0.3)
+        assert not waiting.done()
+        await fresh.stop(req.name)  # the files are found through the metadata
+        await asyncio.wait_for(waiting, 10)
+    await vm.assert_nothing_left()
+
+
+async def test_wait_exited_when_the_guest_powers_off(vm: Vm) -> None:
+    req = vm.request()
+    await vm.provisioner.start(req)
+    domain = await vm.domain(req.name)
+    assert domain is not None
+    waiting = asyncio.create_task(vm.provisioner.wait_exited(req.name))
+    await asyncio.sleep(0.3)
+    assert not waiting.done()
+    loop = asyncio.get_running_loop()
+    await asyncio.to_thread(power_off, domain)  # as a golden image does after its runner
+    began = loop.time()
+    await asyncio.wait_for(waiting, 20)
+    print(f"wait_exited after the guest powered off: {loop.time() - began:.3f} s")
+    assert await vm.provisioner.exited(req.name)
+    await vm.provisioner.stop(req.name)
+    await vm.assert_nothing_left()
+
+
+async def test_wait_exited_after_virsh_destroy(vm: Vm) -> None:
+    req = vm.request()
+    await vm.provisioner.start(req)
+    waiting = asyncio.create_task(vm.provisioner.wait_exited(req.name))
+    await asyncio.sleep(0.3)
+    assert not waiting.done()
+    virsh = await asyncio.create_subprocess_exec(
+        "virsh",
+        "-q",
+        "-c",
+        "qemu:///system",
+        "destroy",
+        req.name,
+        stdout=asyncio.subprocess.DEVNULL,
+    )
+    assert await virsh.wait() == 0
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    await asyncio.wait_for(waiting, 10)
+    print(f"wait_exited after virsh destroy returned: {loop.time() - began:.3f} s")
+    assert "qemu:///system" in vm.provisioner._watches  # events, not polling
+    await vm.provisioner.stop(req.name)
+    await vm.assert_nothing_left()

@@ -14,9 +14,11 @@ from outrunner.provisioners._libvirt_xml import (
     METADATA_NS,
     DomainSpec,
     RunnerFiles,
+    RunnerMetadata,
     mount_tag,
     parse_metadata,
     render_domain_xml,
+    render_metadata,
 )
 
 NS = {"o": METADATA_NS}
@@ -260,3 +262,16 @@ def test_hostile_names_and_paths_round_trip_and_inject_nothing() -> None:
     assert [e.tag for e in root.iter()] == [e.tag for e in plain.iter()]
     assert root.find(".//x") is None
     assert "<!--" not in text
+
+
+def test_metadata_with_the_runners_pid_round_trips() -> None:
+    made = spec()
+    marker = one(ET.fromstring(render_domain_xml(made)), "metadata/o:runner")
+    assert marker.get("pid") is None  # not started yet
+    # What virDomainSetMetadata gets once the runner runs: the element without a namespace.
+    element = render_metadata(RunnerMetadata("linux", made.files, pid=4242))
+    assert element.startswith("<runner ")
+    parsed = parse_metadata(element)
+    assert parsed == RunnerMetadata("linux", made.files, pid=4242)
+    broken = element.replace('pid="4242"', 'pid="-1"')
+    assert parse_metadata(broken) == RunnerMetadata("linux", made.files, pid=None)

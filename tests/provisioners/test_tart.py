@@ -10,8 +10,9 @@ import logging
 import os
 import secrets
 import signal
+import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from outrunner.provisioners.tart import (
     TAIL_BYTES,
     TartProvisioner,
     TartProvisionerError,
+    _is_runner_exec,
     _private_dir,
 )
 from outrunner.testing.contract import runner_name
@@ -44,6 +46,9 @@ def write_script(path: Path, body: str) -> str:
     return str(path)
 
 
+IMAGES = ("base", "broken", "mute")
+
+
 def install_fake(directory: Path) -> FakeTart:
     """A fake tart with images ``base`` (boots in 0.1 s), ``broken`` (``tart run`` fails) and
     ``mute`` (never boots)."""
@@ -59,6 +64,21 @@ def tart_runner(
 ) -> RunnerConfig:
     tart = TartImage(image=image, runner_cmd=runner_cmd, tart_path=str(fake.executable), **options)
     return RunnerConfig(name=scale_set, labels=("macos",), tart=tart)
+
+
+async def end_runner(fake: FakeTart, name: str) -> None:
+    """End the runner command of VM ``name`` in the fake's "guest" (a process group of its
+    own), as a runner ends after its job; its ``tart exec`` then exits. ``start`` returns once
+    ``tart exec`` is spawned: the command may take a moment to appear."""
+    await eventually(lambda: bool(guest_processes(fake, name)))
+    for pid in guest_processes(fake, name):
+        os.killpg(pid, signal.SIGTERM)
+
+
+def guest_processes(fake: FakeTart, name: str) -> list[int]:
+    """What the fake's ``tart exec`` runs in VM ``name`` (it records their PIDs)."""
+    guest = fake.home / "vms" / name / "guest"
+    return [int(entry.name) for entry in guest.iterdir()] if guest.is_dir() else []
 
 
 async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -104,8 +124,21 @@ def record(caplog: pytest.LogCaptureFixture, message: str) -> dict[str, Any]:
 
 
 @pytest.fixture
-def fake(tmp_path: Path) -> FakeTart:
-    return install_fake(tmp_path / "tart")
+def fake(tmp_path: Path) -> Iterator[FakeTart]:
+    fake = install_fake(tmp_path / "tart")
+    try:
+        yield fake
+    finally:
+        discard_vms(fake, "")  # close() leaves VMs running: end their fake processes
+
+
+def discard_vms(fake: FakeTart, prefix: str) -> None:
+    """Stop and delete the VMs named ``prefix...`` (all but the images for ``""``) by hand."""
+    for name in fake.vms():
+        if name.startswith(prefix) and name not in IMAGES:
+            if fake.is_running(name):
+                fake.call("stop", "--timeout", "1", name)
+            fake.call("delete", name)
 
 
 @pytest.fixture
@@ -424,18 +457,28 @@ async def test_vm_that_died_is_reported_exited_and_still_deleted(
     assert [i for i in fake.invocations() if i.ended is None] == calls(fake, "run", name)
 
 
-async def test_close_stops_and_deletes_what_it_started(
+async def test_close_leaves_the_vms_running_and_stop_still_works(
     fake: FakeTart, log_dir: Path, scale_set: str, idle: str
 ) -> None:
     provisioner = TartProvisioner(tart_path=str(fake.executable), log_dir=log_dir)
-    names = [runner_name(scale_set) for _ in range(2)]
+    names = sorted(runner_name(scale_set) for _ in range(2))
     runner = tart_runner(scale_set, fake, idle)
     await asyncio.gather(*(provisioner.start(request(n, runner)) for n in names))
     await provisioner.close()
-    assert not set(names) & set(fake.vms())
-    assert all_ended(fake)
+    await asyncio.sleep(0.3)  # nothing is ended later either (say, by garbage collection)
+    assert all(fake.is_running(n) for n in names)
+    assert (
+        sorted(i.verb for i in fake.invocations() if i.ended is None) == ["exec"] * 2 + ["run"] * 2
+    )
     with pytest.raises(TartProvisionerError, match="closed"):
         await provisioner.start(request(runner_name(scale_set), runner))
+    with pytest.raises(TartProvisionerError, match="closed"):
+        await provisioner.wait_exited(names[0])
+    for name in names:  # stopping is the Scaler's job, also after close
+        await provisioner.stop(name)
+    assert not set(names) & set(fake.vms())
+    assert all_ended(fake)
+    assert files(log_dir) == []
 
 
 # --------------------------------------------------------------------------------------------
@@ -544,7 +587,8 @@ async def test_jit_config_never_reaches_the_log(
             await provisioner.start(request(name, runner, jit))
         except TartProvisionerError as exc:
             messages.append(str(exc))
-        await asyncio.sleep(0.3)
+        if cmd == crash:  # let it fail by itself, before the stop
+            await asyncio.wait_for(provisioner.wait_exited(name), 10)
         await provisioner.stop(name)
     with pytest.raises(TartProvisionerError) as caught:
         await provisioner.start(
@@ -555,3 +599,151 @@ async def test_jit_config_never_reaches_the_log(
     assert jit not in logged(tart_logs)
     assert not any(jit in m for m in messages)
     assert any(jit in " ".join(i.argv) for i in fake.invocations()), "the runner did get it"
+
+
+# --------------------------------------------------------------------------------------------
+# Exits, survival and adoption
+
+
+@pytest.mark.parametrize("what", ["runner", "vm"])
+async def test_wait_exited_returns_when_the_runner_or_the_vm_ends(
+    provisioner: TartProvisioner, fake: FakeTart, scale_set: str, idle: str, what: str
+) -> None:
+    name = runner_name(scale_set)
+    await provisioner.start(request(name, tart_runner(scale_set, fake, idle)))
+    waiting = asyncio.create_task(provisioner.wait_exited(name))
+    await asyncio.sleep(0.3)
+    assert not waiting.done()
+    if what == "runner":
+        await end_runner(fake, name)  # the runner's job is done: its tart exec exits
+    else:
+        os.kill(fake.run_info(name)["pid"], signal.SIGKILL)  # the VM crashes
+    await asyncio.wait_for(waiting, 5)
+    assert await provisioner.exited(name)
+    await asyncio.wait_for(provisioner.wait_exited(name), 1)  # ended: at once
+    await provisioner.stop(name)
+    assert name not in fake.vms()
+
+
+async def test_wait_exited_of_unknown_names_and_when_closed_meanwhile(
+    provisioner: TartProvisioner, fake: FakeTart, scale_set: str, idle: str
+) -> None:
+    await asyncio.wait_for(provisioner.wait_exited(runner_name(scale_set)), 1)
+    name = runner_name(scale_set)
+    await provisioner.start(request(name, tart_runner(scale_set, fake, idle)))
+    waiting = asyncio.create_task(provisioner.wait_exited(name))
+    await asyncio.sleep(0.1)
+    await provisioner.close()
+    with pytest.raises(TartProvisionerError, match="closed"):
+        await asyncio.wait_for(waiting, 1)
+    assert fake.is_running(name)
+
+
+TICKING_RUNNER = "while :; do echo tick; sleep 0.05; done\n"
+"""A runner that writes to its output all the time: it would die of SIGPIPE on a broken pipe."""
+
+OUTRUNNER = """
+import asyncio, sys
+from outrunner.config import RunnerConfig, TartImage
+from outrunner.provisioner import RunnerRequest
+from outrunner.provisioners.tart import TartProvisioner
+
+async def main(tart, log_dir, scale_set, name, runner_cmd):
+    image = TartImage(image="base", runner_cmd=runner_cmd, tart_path=tart)
+    runner = RunnerConfig(name=scale_set, labels=("macos",), tart=image)
+    provisioner = TartProvisioner(tart_path=tart, log_dir=log_dir)
+    await provisioner.start(RunnerRequest(name, "jit", runner))
+    print("started", flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+"""An outrunner process that starts one runner, then lives until it is killed."""
+
+
+async def test_a_vm_outlives_its_sigkilled_outrunner_and_is_adopted(
+    fake: FakeTart, log_dir: Path, scale_set: str, tmp_path: Path
+) -> None:
+    ticking = write_script(tmp_path / "ticking.sh", TICKING_RUNNER)
+    name = runner_name(scale_set)
+    outrunner = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        OUTRUNNER,
+        *(str(fake.executable), str(log_dir), scale_set, name, ticking),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert outrunner.stdout is not None
+    assert await asyncio.wait_for(outrunner.stdout.readline(), 30) == b"started\n"
+    outrunner.kill()
+    await outrunner.wait()
+
+    # Nothing died with it: the VM runs, and the runner keeps writing to its capture file.
+    size = runner_output_size(log_dir, name)
+    await asyncio.sleep(0.5)
+    assert fake.is_running(name)
+    assert runner_output_size(log_dir, name) > size
+    assert sorted(i.verb for i in fake.invocations() if i.ended is None) == ["exec", "run"]
+
+    async with TartProvisioner(tart_path=str(fake.executable), log_dir=log_dir) as fresh:
+        runner = tart_runner(scale_set, fake, ticking)
+        assert await fresh.adopt(name, runner) is True
+        assert await fresh.exited(name) is False
+        waiting = asyncio.create_task(fresh.wait_exited(name))
+        await asyncio.sleep(0.3)
+        assert not waiting.done()
+        await fresh.stop(name)
+        await asyncio.wait_for(waiting, 10)
+        assert await fresh.exited(name)
+    assert name not in fake.vms()
+    assert all_ended(fake)
+    assert files(log_dir) == [], "the adopted runner's capture files are removed with it"
+
+
+def runner_output_size(log_dir: Path, name: str) -> int:
+    (capture,) = log_dir.glob(f"{name}-runner-*.log")
+    return capture.stat().st_size
+
+
+async def test_adopt_refuses_what_is_not_a_live_runner_of_the_scale_set(
+    provisioner: TartProvisioner,
+    fake: FakeTart,
+    scale_set: str,
+    idle: str,
+    tart_logs: pytest.LogCaptureFixture,
+) -> None:
+    runner = tart_runner(scale_set, fake, idle)
+    assert await provisioner.adopt(runner_name(scale_set), runner) is False  # no such VM
+    # Running, but named as a runner of another scale set: refused and left alone.
+    other = runner_name(f"{scale_set}-arm")
+    fake.create_vm(other)
+    running = await asyncio.create_subprocess_exec(str(fake.executable), "run", other)
+    await eventually(lambda: fake.is_running(other))
+    assert await provisioner.adopt(other, runner) is False
+    assert "Not adopting a VM not named as a runner" in logged(tart_logs)
+    assert fake.is_running(other)
+    # A stopped VM, and a running one whose runner's tart exec is gone: refused; stop removes.
+    stopped, idle_vm = runner_name(scale_set), runner_name(scale_set)
+    for name in (stopped, idle_vm):
+        fake.create_vm(name)
+    booted = await asyncio.create_subprocess_exec(str(fake.executable), "run", idle_vm)
+    await eventually(lambda: fake.is_running(idle_vm))
+    assert await provisioner.adopt(stopped, runner) is False
+    assert await provisioner.adopt(idle_vm, runner) is False
+    assert await provisioner.exited(idle_vm)
+    for name in (stopped, idle_vm):
+        await provisioner.stop(name)
+        assert name not in fake.vms()
+    assert await booted.wait() == 0
+    assert fake.call("stop", other).returncode == 0
+    assert await running.wait() == 0
+
+
+def test_runner_exec_is_recognised_by_its_command_line() -> None:
+    name = "linux-0a1b2c3d"
+    assert _is_runner_exec(["tart", "exec", name, "/a/run.sh", "--jitconfig", "x"], name)
+    assert _is_runner_exec(["python3", "faketart.py", "exec", name, "r", "--jitconfig", "x"], name)
+    assert not _is_runner_exec(["tart", "exec", name, "echo", "ok"], name)  # a boot probe
+    assert not _is_runner_exec(["tart", "exec", "linux-deadbeef", "r", "--jitconfig", "x"], name)
+    assert not _is_runner_exec(["tart", "run", name], name)
+    assert not _is_runner_exec(["tart", "exec"], name)

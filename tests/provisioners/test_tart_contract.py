@@ -10,7 +10,14 @@ from outrunner.provisioner import RunnerRequest
 from outrunner.provisioners.tart import TartProvisioner, TartProvisionerError
 from outrunner.testing.contract import ProvisionerContract
 from outrunner.testing.faketart import FakeTart
-from tests.provisioners.test_tart import IDLE_RUNNER, install_fake, tart_runner, write_script
+from tests.provisioners.test_tart import (
+    IDLE_RUNNER,
+    discard_vms,
+    end_runner,
+    install_fake,
+    tart_runner,
+    write_script,
+)
 
 
 class TestTartProvisionerContract(ProvisionerContract[TartProvisioner]):
@@ -50,8 +57,10 @@ class TestTartProvisionerContract(ProvisionerContract[TartProvisioner]):
         assert self.fake.call("stop", name).returncode == 0
         assert self.fake.call("delete", name).returncode == 0
 
+    async def make_runner_exit(self, provisioner: TartProvisioner, name: str) -> bool:
+        # The runner's job is done: its command ends, and with it the runner's `tart exec`.
+        await end_runner(self.fake, name)
+        return True
+
     async def discard_environments(self, prefix: str) -> None:
-        for name in self.fake.vms():
-            if name.startswith(prefix):
-                self.fake.call("stop", "--timeout", "1", name)
-                self.fake.call("delete", name)
+        discard_vms(self.fake, prefix)
