@@ -415,17 +415,21 @@ class LibvirtProvisioner(ClosingContext):
             return True
         if runner is None or runner.pid is None:
             return False
-        command = {"execute": "guest-exec-status", "arguments": {"pid": runner.pid}}
+        # qemu-ga forgets a process once it has reported its exit: remember it here.
+        runner.exited = await self._runner_exited(domain, runner.pid)
+        return runner.exited
+
+    async def _runner_exited(self, domain: libvirt.virDomain, pid: int) -> bool:
+        """Whether the guest agent reports the runner process ``pid`` exited; an agent that
+        does not answer (or answers nonsense) counts as running."""
+        command = {"execute": "guest-exec-status", "arguments": {"pid": pid}}
         try:
             reply = await self._call(
                 self._agent_command, domain, json.dumps(command), _STATUS_TIMEOUT
             )
-            exited = bool(json.loads(reply)["return"]["exited"])
+            return bool(json.loads(reply)["return"]["exited"])
         except (libvirt.libvirtError, ValueError, KeyError, TypeError):
             return False
-        # qemu-ga forgets a process once it has reported its exit: remember it here.
-        runner.exited = exited
-        return exited
 
     # -- ExitWatcher -------------------------------------------------------------------------
 
@@ -595,15 +599,9 @@ class LibvirtProvisioner(ClosingContext):
             await asyncio.sleep(delay)
         if runner.pid is None:
             return None  # a domain from before PIDs were recorded: the agent answering will do
-        command = {"execute": "guest-exec-status", "arguments": {"pid": runner.pid}}
-        try:
-            reply = await self._call(
-                self._agent_command, domain, json.dumps(command), _STATUS_TIMEOUT
-            )
-            exited = bool(json.loads(reply)["return"]["exited"])
-        except (libvirt.libvirtError, ValueError, KeyError, TypeError):
-            return None  # as in exited(): no answer counts as running
-        return "its runner process has exited" if exited else None
+        if await self._runner_exited(domain, runner.pid):
+            return "its runner process has exited"
+        return None
 
     # -- executor and connections ------------------------------------------------------------
 
