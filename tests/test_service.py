@@ -571,3 +571,35 @@ async def test_a_torn_and_corrupt_journal_is_reported_and_never_stops_the_start(
     # One warning each for the corrupt first line and the torn last one.
     assert caplog.messages.count("Ignored part of the runner journal") == 2, caplog.messages
     assert gh.jobs()[0].result == "succeeded"
+
+
+async def test_an_outage_longer_than_the_session_destroys_no_busy_runner() -> None:
+    """Every request answers 503 for longer than the session lives: the busy runners finish
+    their jobs on the runners that took them, a new session serves the jobs queued after, and
+    nothing is left."""
+    async with FakeGitHub(pat=TOKEN, long_poll_timeout=0.3, session_idle_timeout=1.0) as gh:
+        service, provisioners = drain_service(gh)
+        task = asyncio.create_task(service.run())
+        async with asyncio.timeout(10):
+            await service.wait_ready()
+        jobs = await busy(service, gh, [3.0, 4.0])
+        started_on = {job: gh.job(job).runner_name for job in jobs}
+        (first,) = gh.sessions()
+        with gh.outage():
+            await asyncio.sleep(2.5)
+            assert gh.sessions() == []  # expired: nobody could poll
+            # Nothing was stopped: both environments still run their jobs.
+            assert sorted(provisioners["linux"].environments) == sorted(started_on.values())
+        await gh.wait_until_jobs_completed_async(2, timeout=30)
+        assert {job: gh.job(job).runner_name for job in jobs} == started_on
+        assert [gh.job(job).result for job in jobs] == ["succeeded"] * 2
+        await gh.wait_for_async(lambda: len(gh.sessions()) == 1, timeout=30)
+        assert gh.sessions()[0].session_id != first.session_id
+        after = gh.queue_job(["linux"], duration=0.1)
+        await gh.wait_for_async(lambda: gh.job(after).result == "succeeded", timeout=30)
+        await gh.wait_for_async(lambda: gh.runners() == [], timeout=30)
+        service.stop()
+        async with asyncio.timeout(20):
+            await task
+        assert provisioners["linux"].environments == {}
+        assert gh.sessions() == []
