@@ -50,9 +50,9 @@ from outrunner.provisioner import (
     is_runner_name,
 )
 from outrunner.runner import RunnerPhase, RunnerSnapshot, RunnerState
-from outrunner.scaler import RunnerJournal, Scaler, ScalerError, ScaleSetClient
+from outrunner.scaler import RunnerJournal, Scaler, ScalerError, ScaleSetClient, StartBackoff
 from outrunner.service import Service, ServiceState, serve
-from outrunner.worker import ScaleSetWorker
+from outrunner.worker import ScaleSetStatus, ScaleSetWorker
 
 __all__ = [
     "Adopter",
@@ -81,12 +81,14 @@ __all__ = [
     "RunnerSnapshot",
     "RunnerState",
     "ScaleSetClient",
+    "ScaleSetStatus",
     "ScaleSetWorker",
     "Scaler",
     "ScalerError",
     "Service",
     "ServiceState",
     "SimpleHandler",
+    "StartBackoff",
     "StateDir",
     "TartImage",
     "TartMount",

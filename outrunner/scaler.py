@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import secrets
 from collections.abc import Callable, Coroutine
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from enum import Enum, auto
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
@@ -52,7 +54,7 @@ from outrunner.scaleset.types import (
 if TYPE_CHECKING:
     from outrunner.config import RunnerConfig
 
-__all__ = ["RunnerJournal", "ScaleSetClient", "Scaler", "ScalerError"]
+__all__ = ["RunnerJournal", "ScaleSetClient", "Scaler", "ScalerError", "StartBackoff"]
 
 STOP_TIMEOUT = 120.0
 """Seconds a provisioner's stop may take before the runner is deregistered anyway."""
@@ -65,6 +67,9 @@ JIT_CONCURRENCY = 8
 RETRY_FIRST: Final = 1.0
 RETRY_MAX: Final = 60.0
 """Backoff (seconds) between deregistration attempts while GitHub does not confirm them."""
+START_BACKOFF_FIRST: Final = 1.0
+START_BACKOFF_MAX: Final = 300.0
+"""Backoff (seconds) after consecutive failed starts: 1 s doubling to 5 minutes, jittered."""
 
 
 class ScaleSetClient(Protocol):
@@ -95,6 +100,16 @@ class ScalerError(RuntimeError):
     """
 
 
+@dataclass(frozen=True)
+class StartBackoff:
+    """A scale set whose runners fail to start: how often in a row, the last reason, and when
+    the next start may be tried (until then demand is remembered, not acted on)."""
+
+    failures: int
+    last_error: str
+    retry_at: datetime
+
+
 PhaseObserver = Callable[[str, RunnerSnapshot | None], None]
 """Called with a runner's name and its new snapshot on every change; None once it is forgotten."""
 
@@ -120,6 +135,8 @@ class Scaler:
         watch_interval: float = WATCH_INTERVAL,
         retry_first: float = RETRY_FIRST,
         retry_max: float = RETRY_MAX,
+        start_backoff_first: float = START_BACKOFF_FIRST,
+        start_backoff_max: float = START_BACKOFF_MAX,
     ) -> None:
         if max_runners < 0:
             raise ValueError(f"max_runners must be >= 0, got {max_runners}")
@@ -142,6 +159,13 @@ class Scaler:
         self._jit_slots = asyncio.Semaphore(jit_concurrency)
         self._watch_interval = watch_interval
         self._retry = (retry_first, retry_max)
+        self._start_backoff_limits = (start_backoff_first, start_backoff_max)
+        self._start_failures = 0
+        self._last_start_error = ""
+        self._start_retry_at = 0.0  # loop time
+        self._start_retry_wall = datetime.now(UTC)
+        self._start_retry: asyncio.Task[None] | None = None
+        self._desired = 0
 
         self._runners: dict[str, RunnerState] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -186,6 +210,16 @@ class Scaler:
         confirmed removed (retried with backoff)."""
         return sorted(self._deregistrations)
 
+    def start_backoff(self) -> StartBackoff | None:
+        """The start backoff while the last start failed; None once starts succeed."""
+        if not self._start_failures:
+            return None
+        return StartBackoff(
+            failures=self._start_failures,
+            last_error=self._last_start_error,
+            retry_at=self._start_retry_wall,
+        )
+
     async def wait_empty(self) -> None:
         """Wait until no runner is tracked (pending deregistrations do not count)."""
         await self._empty.wait()
@@ -200,10 +234,13 @@ class Scaler:
         signal tries again). The result counts tracked runners plus those other calls are
         adding.
         """
+        self._desired = count
         target = min(self._max_runners, max(count, 0))
         current = len(self._runners) + self._reserved
         missing = 0 if self.draining else target - current
         self._log.debug("Desired runner count", requested=count, target=target, current=current)
+        if missing > 0 and self._start_failures:
+            missing = self._probes_allowed(missing)
         if missing > 0:
             if not self.scale_set_id:
                 raise ScalerError("the scale set id is not known yet")
@@ -255,6 +292,8 @@ class Scaler:
         if not self.draining:
             self._log.info("Draining", busy=self.busy_runners(), runners=len(self._runners))
         self._draining.set()
+        if self._start_retry is not None:
+            self._start_retry.cancel()
 
     async def shutdown(self, timeout: float = 30.0) -> None:
         """Stop and deregister every runner, busy or not; give up waiting after ``timeout``.
@@ -266,6 +305,7 @@ class Scaler:
         """
         self._draining.set()
         self._forced.set()
+        await cancel_and_wait(self._start_retry)
         for start in list(self._start_tasks.values()):
             start.cancel()
         loop = asyncio.get_running_loop()
@@ -510,10 +550,11 @@ class Scaler:
             self._log.info("Runner start cancelled", name=state.name)
             return _Start.FAILED
         except Exception as exc:
-            self._log.error("Failed to start runner", name=state.name, error=str(exc))
+            self._start_failed(state.name, exc)
             return _Start.FAILED
         finally:
             self._start_tasks.pop(state.name, None)
+        self._start_succeeded()
         state.started_at = datetime.now(UTC)
         if state.phase is RunnerPhase.RUNNING:
             self._log.info("Runner provisioned (job already assigned)", name=state.name)
@@ -522,6 +563,64 @@ class Scaler:
             self._set_phase(state, RunnerPhase.IDLE)
             self._log.info("Runner provisioned", name=state.name)
         return _Start.OK
+
+    # -- start backoff -----------------------------------------------------------------------
+
+    def _probes_allowed(self, missing: int) -> int:
+        """How many of ``missing`` runners may be added while starts are failing: none until the
+        backoff ends (a retry is scheduled for the remembered demand), then one at a time."""
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._start_retry_at:
+            self._schedule_start_retry()
+            return 0
+        in_flight = self._reserved + sum(
+            state.phase is RunnerPhase.PROVISIONING for state in self._runners.values()
+        )
+        return min(missing, max(0, 1 - in_flight))
+
+    def _start_failed(self, name: str, exc: Exception) -> None:
+        first, cap = self._start_backoff_limits
+        self._start_failures += 1
+        # Jitter downwards only, so the cap stays a cap; it keeps many scale sets (or hosts)
+        # that fail together from retrying in step.
+        delay = min(cap, first * 2 ** (self._start_failures - 1)) * random.uniform(0.8, 1.0)
+        self._start_retry_at = asyncio.get_running_loop().time() + delay
+        self._start_retry_wall = datetime.now(UTC) + timedelta(seconds=delay)
+        self._last_start_error = str(exc)
+        self._log.bind(**_environment_of(self._runner_config)).error(
+            "Failed to start runner",
+            name=name,
+            error=str(exc),
+            failures=self._start_failures,
+            retry_in=round(delay, 1),
+        )
+        self._schedule_start_retry()
+
+    def _start_succeeded(self) -> None:
+        if not self._start_failures:
+            return
+        self._log.info("Runners start again", failed_before=self._start_failures)
+        self._start_failures = 0
+        self._start_retry_at = 0.0
+        # The probe worked: fill the rest of the remembered demand now.
+        self._schedule_start_retry()
+
+    def _schedule_start_retry(self) -> None:
+        """Act on the remembered demand once the backoff ends, not at the next message (which
+        may be a 50 s long poll away)."""
+        if self._start_retry is not None and not self._start_retry.done():
+            return
+        self._start_retry = asyncio.create_task(self._retry_start(), name="start-retry")
+
+    async def _retry_start(self) -> None:
+        await asyncio.sleep(max(0.0, self._start_retry_at - asyncio.get_running_loop().time()))
+        self._start_retry = None  # a failure of this round schedules the next
+        if self.draining or not self.scale_set_id:
+            return
+        try:
+            await self.handle_desired_runner_count(self._desired)
+        except Exception as exc:  # the next demand signal tries again
+            self._log.error("Retrying runner starts failed", error=str(exc))
 
     async def _stop(self, name: str) -> None:
         try:
@@ -652,6 +751,17 @@ class _Removal(Enum):
     BUSY = auto()
     """GitHub says it is running a job (409 JobStillRunning)."""
     FAILED = auto()
+
+
+def _environment_of(runner: RunnerConfig) -> dict[str, object]:
+    """What a runner's environment is made from, for log lines: image or golden disk."""
+    if runner.docker is not None:
+        return {"image": runner.docker.image}
+    if runner.libvirt is not None:
+        return {"golden": runner.libvirt.path}
+    if runner.tart is not None:
+        return {"image": runner.tart.image}
+    return {}
 
 
 def _backend_of(runner: RunnerConfig) -> str:

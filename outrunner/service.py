@@ -40,7 +40,7 @@ from outrunner.provisioner import Provisioner
 from outrunner.runner import RunnerPhase, RunnerSnapshot
 from outrunner.scaleset.auth import PersonalAccessToken
 from outrunner.scaleset.client import Client, SystemInfo
-from outrunner.worker import ScaleSetWorker
+from outrunner.worker import ScaleSetStatus, ScaleSetWorker
 
 __all__ = [
     "ClientFactory",
@@ -208,6 +208,10 @@ class Service:
     def runners(self) -> dict[str, list[RunnerSnapshot]]:
         """Every scale set's tracked runners."""
         return {worker.name: worker.runners() for worker in self.workers}
+
+    def status(self) -> list[ScaleSetStatus]:
+        """Every scale set's session, runners and start backoff, in config order."""
+        return [worker.status() for worker in self.workers]
 
     async def wait_ready(self) -> None:
         """Wait until every scale set exists and listens (tests, demos, health checks)."""

@@ -28,7 +28,7 @@ from outrunner.journal import JournalEntry, JournalPhase
 from outrunner.log import BoundLogger, get_logger
 from outrunner.provisioner import Adopter, OrphanCleaner, Provisioner
 from outrunner.runner import RunnerPhase, RunnerSnapshot
-from outrunner.scaler import RunnerJournal, Scaler
+from outrunner.scaler import RunnerJournal, Scaler, StartBackoff
 from outrunner.scaleset.errors import (
     RetryExhaustedError,
     SessionExpiredError,
@@ -47,7 +47,14 @@ from outrunner.scaleset.types import (
     RunnerSetting,
 )
 
-__all__ = ["Backoff", "JournalReader", "ScaleSetWorker", "WorkerClient", "labels_match"]
+__all__ = [
+    "Backoff",
+    "JournalReader",
+    "ScaleSetStatus",
+    "ScaleSetWorker",
+    "WorkerClient",
+    "labels_match",
+]
 
 SESSION_DELETE_TIMEOUT = 10.0
 """Seconds the DELETE of a message session may take on the way out (GitHub may be down)."""
@@ -112,6 +119,22 @@ def labels_match(existing: tuple[Label, ...], desired: tuple[Label, ...]) -> boo
     }
 
 
+@dataclass(frozen=True)
+class ScaleSetStatus:
+    """One scale set at a glance (``Service.status()``; the health endpoints build on it)."""
+
+    name: str
+    scale_set_id: int
+    """0 until the scale set has been looked up or created at GitHub."""
+    session_open: bool
+    draining: bool
+    runners: tuple[RunnerSnapshot, ...]
+    busy: int
+    start_backoff: StartBackoff | None
+    """Set while runners fail to start: failures in a row, last reason, next try."""
+    pending_deregistrations: tuple[str, ...]
+
+
 class ScaleSetWorker:
     """Runs one scale set until drained or cancelled; owns its Scaler and message sessions."""
 
@@ -170,6 +193,18 @@ class ScaleSetWorker:
 
     def runners(self) -> list[RunnerSnapshot]:
         return self.scaler.runners()
+
+    def status(self) -> ScaleSetStatus:
+        return ScaleSetStatus(
+            name=self.name,
+            scale_set_id=self.scaler.scale_set_id,
+            session_open=self.session_open,
+            draining=self.draining,
+            runners=tuple(self.scaler.runners()),
+            busy=self.scaler.busy_runners(),
+            start_backoff=self.scaler.start_backoff(),
+            pending_deregistrations=tuple(self.scaler.pending_deregistrations()),
+        )
 
     def drain(self) -> None:
         """Stop taking work; :meth:`run` returns once every busy runner has finished its job."""
