@@ -58,6 +58,13 @@ __all__ = ["RunnerJournal", "ScaleSetClient", "Scaler", "ScalerError", "StartBac
 
 STOP_TIMEOUT = 120.0
 """Seconds a provisioner's stop may take before the runner is deregistered anyway."""
+STOP_ATTEMPTS: Final = 3
+"""A stop that fails (an engine hiccup) is tried this often, waiting ``retry_first`` (1 s)
+doubling between tries, before the environment is given up on (logged; the next start's orphan
+cleanup finds it)."""
+START_TIMEOUT = 1800.0
+"""Seconds a provisioner's start may take (image pull and boot included) before it is cancelled
+and counted as a failed start; the backends' own boot timeouts are usually far shorter."""
 DEREGISTER_TIMEOUT = 10.0
 """Seconds one deregistration attempt may take."""
 WATCH_INTERVAL = 15.0
@@ -130,6 +137,7 @@ class Scaler:
         on_phase_change: PhaseObserver | None = None,
         journal: RunnerJournal | None = None,
         stop_timeout: float = STOP_TIMEOUT,
+        start_timeout: float = START_TIMEOUT,
         deregister_timeout: float = DEREGISTER_TIMEOUT,
         jit_concurrency: int = JIT_CONCURRENCY,
         watch_interval: float = WATCH_INTERVAL,
@@ -155,6 +163,7 @@ class Scaler:
         self._on_phase_change = on_phase_change
         self._journal = journal
         self._stop_timeout = stop_timeout
+        self._start_timeout = start_timeout
         self._deregister_timeout = deregister_timeout
         self._jit_slots = asyncio.Semaphore(jit_concurrency)
         self._watch_interval = watch_interval
@@ -521,7 +530,7 @@ class Scaler:
         """
         if self.draining:  # drained before the start began: nothing can have a job yet
             return _Start.FAILED
-        start = asyncio.create_task(self._provisioner.start(request), name=f"start:{state.name}")
+        start = asyncio.create_task(self._bounded_start(request), name=f"start:{state.name}")
         self._start_tasks[state.name] = start
         try:
             while not start.done():
@@ -622,14 +631,37 @@ class Scaler:
         except Exception as exc:  # the next demand signal tries again
             self._log.error("Retrying runner starts failed", error=str(exc))
 
-    async def _stop(self, name: str) -> None:
+    async def _bounded_start(self, request: RunnerRequest) -> None:
         try:
-            async with asyncio.timeout(self._stop_timeout):
-                await self._provisioner.stop(name)
-        except TimeoutError:
-            self._log.error("Timed out stopping runner", name=name, timeout=self._stop_timeout)
-        except Exception as exc:
-            self._log.error("Failed to stop runner", name=name, error=str(exc))
+            async with asyncio.timeout(self._start_timeout):
+                await self._provisioner.start(request)
+        except TimeoutError as exc:
+            # The provisioner undoes a cancelled start itself (the contract).
+            raise TimeoutError(
+                f"start did not finish within {self._start_timeout:g} s and was cancelled"
+            ) from exc
+
+    async def _stop(self, name: str) -> None:
+        delays = backoff(self._retry[0], 4 * self._retry[0])
+        for attempt in range(1, STOP_ATTEMPTS + 1):
+            try:
+                async with asyncio.timeout(self._stop_timeout):
+                    await self._provisioner.stop(name)
+                return
+            except TimeoutError:
+                self._log.error("Timed out stopping runner", name=name, timeout=self._stop_timeout)
+                return  # a stop that hangs would hang again
+            except Exception as exc:
+                last = attempt == STOP_ATTEMPTS
+                self._log.log(
+                    logging.ERROR if last else logging.WARNING,
+                    "Failed to stop runner" + ("" if last else "; trying again"),
+                    name=name,
+                    error=str(exc),
+                    attempt=attempt,
+                )
+                if not last:
+                    await asyncio.sleep(next(delays))
 
     # -- deregistration ----------------------------------------------------------------------
 

@@ -449,19 +449,57 @@ async def test_shutdown_stops_idle_and_running_runners() -> None:
     assert sorted(client.removed) == [1, 2]
 
 
-async def test_stop_failure_still_deregisters() -> None:
+async def test_stop_failure_is_retried_then_still_deregisters() -> None:
     client, prov = FakeClient(), InMemoryProvisioner()
+    attempts: list[str] = []
 
     async def failing_stop(name: str) -> None:
+        attempts.append(name)
         raise RuntimeError("daemon gone")
 
     prov.stop = failing_stop  # type: ignore[method-assign]
-    s = make_scaler(client, prov)
+    s = make_scaler(client, prov, retry_first=0.01)
+    await s.handle_desired_runner_count(1)
+    await eventually(lambda: phases(s) == [RunnerPhase.IDLE])
+    name = s.runners()[0].name
+    await s.handle_job_completed(JobCompleted(runner_name=name))
+    await eventually(lambda: s.runners() == [])
+    await eventually(lambda: client.removed == [1])
+    assert attempts == [name] * 3
+    await s.shutdown()
+
+
+async def test_a_stop_that_fails_once_is_retried_and_succeeds() -> None:
+    client, prov = FakeClient(), InMemoryProvisioner()
+    real_stop = prov.stop
+    failures = [RuntimeError("engine hiccup")]
+
+    async def flaky_stop(name: str) -> None:
+        if failures:
+            raise failures.pop()
+        await real_stop(name)
+
+    prov.stop = flaky_stop  # type: ignore[method-assign]
+    s = make_scaler(client, prov, retry_first=0.01)
     await s.handle_desired_runner_count(1)
     await eventually(lambda: phases(s) == [RunnerPhase.IDLE])
     await s.handle_job_completed(JobCompleted(runner_name=s.runners()[0].name))
     await eventually(lambda: s.runners() == [])
-    assert client.removed == [1]
+    assert prov.environments == {}
+    await s.shutdown()
+
+
+async def test_a_start_that_hangs_past_its_timeout_is_a_failed_start() -> None:
+    client, gate = FakeClient(), asyncio.Event()
+    prov = InMemoryProvisioner(start_gate=gate)  # never opened: the start hangs
+    s = make_scaler(client, prov, start_timeout=0.1)
+    await s.handle_desired_runner_count(1)
+    await eventually(lambda: s.runners() == [])
+    backoff = s.start_backoff()
+    assert backoff is not None
+    assert "did not finish within 0.1 s" in backoff.last_error
+    assert [verb for verb, _ in prov.events] == ["start", "start-failed"]
+    await eventually(lambda: client.removed == [1])
     await s.shutdown()
 
 
