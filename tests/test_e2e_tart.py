@@ -10,7 +10,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from outrunner.provisioners.tart import _JIT_WRAPPER
 from outrunner.testing import FakeGitHub
+from outrunner.testing.agent import AgentError, decode_jit_config
 from outrunner.testing.faketart import FakeTart, Invocation
 from tests.support.run_script import run_jobs, run_script
 
@@ -19,23 +21,30 @@ SCALE_SET = "e2e-tart"
 IMAGE = "ghcr.io/cirruslabs/ubuntu-runner-arm64:latest"
 
 
-def lifecycle_of(name: str, calls: list[Invocation], runner_cmd: str) -> list[tuple[str, ...]]:
-    """The runner's calls, boot probes folded into one, with the JIT config masked."""
+def lifecycle_of(name: str, calls: list[Invocation]) -> list[tuple[str, ...]]:
+    """The runner's calls, boot probes folded into one, the runner's wrapper script named."""
     steps: list[tuple[str, ...]] = []
     for call in calls:
         if name not in call.argv:
             continue
         argv = call.argv
-        if argv[:2] == ("exec", name) and argv[2] == runner_cmd:
-            assert argv[3] == "--jitconfig"
-            assert len(argv) == 5
-            argv = (*argv[:4], "<jit>")
+        if argv[:5] == ("exec", "-i", name, "/bin/sh", "-c"):
+            assert argv[5] == _JIT_WRAPPER
+            argv = (*argv[:5], "<wrapper>", *argv[6:])
         if argv == ("exec", name, "echo", "ok"):
             if call.status != 0:
                 continue  # still booting
             argv = ("probe", name)
         steps.append(argv)
     return steps
+
+
+def is_jit_config(word: str) -> bool:
+    try:
+        decode_jit_config(word)
+    except AgentError:
+        return False
+    return True
 
 
 def test_three_jobs_two_runners_sigterm_and_no_leftovers(tmp_path: Path) -> None:
@@ -76,12 +85,12 @@ def test_three_jobs_two_runners_sigterm_and_no_leftovers(tmp_path: Path) -> None
     calls = fake.invocations()
     assert calls[0].argv == ("list", "--source", "local", "--quiet"), "orphan cleanup first"
     for name in names:
-        assert lifecycle_of(name, calls, str(runner_cmd)) == [
+        assert lifecycle_of(name, calls) == [
             ("clone", IMAGE, name),
             ("set", name, "--cpu", "2", "--memory", "2048"),
             ("run", "--no-graphics", name),
             ("probe", name),
-            ("exec", name, str(runner_cmd), "--jitconfig", "<jit>"),
+            ("exec", "-i", name, "/bin/sh", "-c", "<wrapper>", str(runner_cmd)),
             ("stop", "--timeout", "30", name),
             ("delete", name),
         ], name
@@ -93,7 +102,10 @@ def test_three_jobs_two_runners_sigterm_and_no_leftovers(tmp_path: Path) -> None
     assert fake.vms() == []
     assert fake.cached_images() == [IMAGE]
     assert [p for p in temp.rglob("*") if p.is_file()] == []
-    # The PAT reaches neither tart nor a log line.
+    # The PAT reaches neither tart nor a log line; the JIT configs (which the runners got, on
+    # their tart exec's stdin: they ran their jobs) are in no tart argument and no log line.
     assert TOKEN not in (fake.home / "invocations.jsonl").read_text()
     assert TOKEN not in output
+    assert [word for call in calls for word in call.argv if is_jit_config(word)] == []
+    assert [word for word in output.split() if is_jit_config(word)] == []
     assert "Shut down cleanly" in output

@@ -6,7 +6,7 @@ For every runner (gha-outrunner 1.1.2's lifecycle, with its failures made loud a
     tart set <name> --cpu <cpus> --memory <MiB>
     tart run --no-graphics [--dir=<mount>:<source>[:ro]]... <name>      background
     tart exec <name> echo ok                                           until it works
-    tart exec <name> <runner_cmd> --jitconfig <JIT config>             background
+    tart exec -i <name> /bin/sh -c <read the JIT config> <runner_cmd>  background, JIT on stdin
 
 and to stop it: end the runner's ``tart exec``, ``tart stop <name>``, wait for ``tart run`` to
 exit, ``tart delete <name>``. A VM that is already stopped or gone is not an error. A start
@@ -22,10 +22,10 @@ the VM and the runner with outrunner's own exit.
 
 The VM and its runner outlive outrunner: every tart process gets its own session (a Ctrl-C in
 outrunner's terminal, or a signal to its process group, does not reach them), the background
-processes read nothing (stdin is ``/dev/null``) and write only to their capture files, never to
-a pipe whose reader could die (a write would then kill them with SIGPIPE), and :meth:`close`
-leaves them running. A restarted outrunner takes a live VM over with
-:meth:`TartProvisioner.adopt`.
+processes read only files (``tart run`` ``/dev/null``, the runner's ``exec`` its JIT config,
+below) and write only to their capture files, never to a pipe whose reader could die (a write
+would then kill them with SIGPIPE), and :meth:`close` leaves them running. A restarted
+outrunner takes a live VM over with :meth:`TartProvisioner.adopt`.
 
 Output capture: the stdout and stderr of the two background processes (``run``, labelled
 ``vm``, and the runner's ``exec``, labelled ``runner``) go to a file each,
@@ -34,8 +34,13 @@ by itself, or the VM does not boot in time), the last :data:`TAIL_BYTES` bytes a
 ERROR and the file is kept, its path logged; otherwise the file is removed when the runner is
 stopped. ``log_dir`` defaults to :func:`default_log_dir`.
 
-The JIT config reaches ``tart exec`` as an argument (tart has no other way in) and nothing
-else: no log line, error message or capture file name contains it.
+The JIT config is in no process's arguments, on the host or in the guest: ``tart exec -i``
+forwards its standard input to the command, so the runner's ``exec`` reads the config (one line)
+from an anonymous file (see :func:`_secret_file`), and a ``/bin/sh`` wrapper in the guest
+(:data:`_JIT_WRAPPER`) reads that line into ``ACTIONS_RUNNER_INPUT_JITCONFIG``, where the
+actions runner looks for its ``--jitconfig`` (and which it removes from its environment), then
+execs ``runner_cmd`` with no arguments and stdin ``/dev/null``. No log line, error message or
+capture file name contains it either.
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ import time
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import IO, Any, Final
 
 from outrunner._aio import ClosingContext, backoff, cancel_and_wait
 from outrunner.config import RunnerConfig, TartImage, TartMount
@@ -92,6 +97,21 @@ _REAP_MAX: Final = 0.5
 _ADOPTED_POLL_FIRST: Final = 0.5
 _ADOPTED_POLL_MAX: Final = 5.0
 """``wait_exited`` of an adopted VM asks ``tart list`` this often (seconds, growing)."""
+_JIT_ENV: Final = "ACTIONS_RUNNER_INPUT_JITCONFIG"
+"""Where the actions runner looks for its ``--jitconfig`` argument when it has none (its
+``CommandSettings`` reads every ``ACTIONS_RUNNER_INPUT_<arg>`` and removes them from its own
+environment, so the jobs it runs do not inherit it)."""
+_GUEST_SHELL: Final = "/bin/sh"
+"""Absolute: the guest agent looks a bare name up in its own ``PATH``, whatever that is."""
+_JIT_WRAPPER: Final = (
+    f'IFS= read -r {_JIT_ENV} && [ -n "${_JIT_ENV}" ] || '
+    "{ echo 'outrunner: no JIT config on standard input' >&2; exit 1; }; "
+    f'export {_JIT_ENV}; exec "$0" "$@" </dev/null'
+)
+"""The guest side of the hand-over, run as ``/bin/sh -c <this> <runner_cmd>``: one line of
+stdin into :data:`_JIT_ENV`, then ``exec <runner_cmd>`` with stdin ``/dev/null`` (as a
+non-interactive ``tart exec`` gives its command), so that neither the wrapper's nor the runner's
+arguments hold the JIT config. One line of POSIX sh, so that ``ps`` shows it whole."""
 
 # Background processes that close() left running, on purpose: referenced here so that Python
 # neither warns about them ("subprocess ... is still running") when their provisioner is
@@ -348,6 +368,8 @@ class TartProvisioner(ClosingContext):
         options = _options_of(request)
         name = request.name
         dirs = [_dir_argument(m, name) for m in options.mounts]  # before anything is made
+        if "\n" in request.jit_config:  # the guest reads one line (and a newline is no base64)
+            raise TartProvisionerError(f"runner {name}: the JIT config is not a single line")
         if name in self._machines:
             raise TartProvisionerError(f"VM {name} is already started")
         machine = self._machines[name] = _Machine(name, options.tart_path, may_run=False)
@@ -363,9 +385,11 @@ class TartProvisioner(ClosingContext):
             machine.may_run = True
             machine.vm = await self._launch(machine, "vm", ["run", "--no-graphics", *dirs, name])
             await self._wait_for_boot(machine, options, log)
-            # Built here and handed straight to the process: the JIT config is never logged.
-            runner_args = ["exec", name, options.runner_cmd, "--jitconfig", request.jit_config]
-            machine.runner = await self._launch(machine, "runner", runner_args)
+            # The JIT config goes to the runner's stdin, never into arguments or logs.
+            runner_args = ["exec", "-i", name, _GUEST_SHELL, "-c", _JIT_WRAPPER, options.runner_cmd]
+            machine.runner = await self._launch(
+                machine, "runner", runner_args, stdin=f"{request.jit_config}\n".encode()
+            )
             if self._closed:
                 raise TartProvisionerError(f"the Tart provisioner was closed while starting {name}")
         except BaseException as exc:
@@ -496,8 +520,8 @@ class TartProvisioner(ClosingContext):
     async def adopt(self, name: str, runner: RunnerConfig) -> bool:
         """Take over VM ``name`` of runner entry ``runner``, started by an earlier outrunner
         process. True when ``name`` is a runner name of scale set ``runner.name``, ``tart list``
-        shows it running and the runner's ``tart exec`` (found in the host's process list:
-        ``tart exec <name> ... --jitconfig``) is alive. From then on :meth:`stop`,
+        shows it running and the runner's ``tart exec`` (found in the host's process list, see
+        :func:`_is_runner_exec`) is alive. From then on :meth:`stop`,
         :meth:`exited` and :meth:`wait_exited` handle it (with the entry's ``tart_path``).
 
         False when the VM is gone or stopped, or its runner's ``tart exec`` has ended; the
@@ -553,8 +577,9 @@ class TartProvisioner(ClosingContext):
         return None
 
     async def _find_runner_exec(self, name: str) -> int | None:
-        """The PID of the runner's ``tart exec`` of VM ``name``, from ``ps``. Its command line
-        holds the JIT config: none of it is logged."""
+        """The PID of the runner's ``tart exec`` of VM ``name``, from ``ps``. None of the
+        listing is logged: the command line of a runner started by an earlier outrunner,
+        ``tart exec <name> <runner_cmd> --jitconfig <config>``, holds its JIT config."""
         listed = await self._command(
             "ps", ["-A", "-ww", "-o", "pid=,args="], timeout=_COMMAND_TIMEOUT
         )
@@ -623,21 +648,25 @@ class TartProvisioner(ClosingContext):
             f"running in image {options.image}? (VM output kept in {vm.path})"
         )
 
-    async def _launch(self, machine: _Machine, label: str, args: Sequence[str]) -> _Background:
-        """Start ``tart <args>`` in the background with its output in a capture file."""
+    async def _launch(
+        self, machine: _Machine, label: str, args: Sequence[str], *, stdin: bytes | None = None
+    ) -> _Background:
+        """Start ``tart <args>`` in the background with its output in a capture file; its
+        standard input is ``stdin`` (see :func:`_secret_file`), or ``/dev/null``."""
         directory = self._capture_dir()
         _prune_left_running()
         fd, path = tempfile.mkstemp(prefix=f"{machine.name}-{label}-", suffix=".log", dir=directory)
         try:
-            # Not an asyncio subprocess: see the module docstring. Popen returns once the
-            # child is spawned, as asyncio's own subprocess_exec does (it calls Popen too).
-            process = subprocess.Popen(  # noqa: ASYNC220
-                [machine.tart, *args],
-                stdin=subprocess.DEVNULL,
-                stdout=fd,
-                stderr=fd,
-                start_new_session=True,
-            )
+            with _secret_file(stdin, directory) as source:
+                # Not an asyncio subprocess: see the module docstring. Popen returns once the
+                # child is spawned, as asyncio's own subprocess_exec does (it calls Popen too).
+                process = subprocess.Popen(  # noqa: ASYNC220
+                    [machine.tart, *args],
+                    stdin=source,
+                    stdout=fd,
+                    stderr=fd,
+                    start_new_session=True,
+                )
         except BaseException as exc:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
@@ -824,12 +853,50 @@ def _private_dir(path: Path) -> None:
         )
 
 
+@contextlib.contextmanager
+def _secret_file(data: bytes | None, directory: Path) -> Iterator[IO[bytes] | int]:
+    """An anonymous file holding ``data``, opened for reading from its start, for a child's
+    stdin (``subprocess.DEVNULL`` for None); closed on exit, when the child has its own copy.
+
+    The file is made in the private capture directory with mode 0600 and has no name: on Linux
+    it never had one (``O_TMPFILE``), elsewhere it is unlinked at once. It disappears when the
+    child ends.
+
+    A file, not a pipe, for two reasons. It is complete before the child starts, so nothing
+    depends on outrunner afterwards: a pipe could not be filled by an outrunner killed in
+    between, nor be larger than the pipe buffer before its reader runs. And ``tart exec -i``
+    handles them differently (``Exec.execute`` in tart's ``Sources/tart/Commands/Exec.swift``):
+    since tart 2.28.2 it reads a regular file to its end, forwards it and then an empty chunk,
+    on which the guest agent closes the command's stdin; a pipe it watches with a Foundation
+    ``readabilityHandler`` that it never removes, and a pipe at end of file is readable
+    forever, so tart then spins a host core for the runner's whole life (up to 2.32.1 at
+    least). Older tart (2.27.x-2.28.1) forwards a file's contents but never its end: the
+    wrapper reads one line and needs no more.
+    """
+    if data is None:
+        yield subprocess.DEVNULL
+        return
+    with tempfile.TemporaryFile(dir=directory) as file:
+        file.write(data)
+        file.flush()
+        file.seek(0)
+        yield file
+
+
 def _is_runner_exec(argv: Sequence[str], name: str) -> bool:
-    """Whether a command line is ``... exec <name> <runner_cmd> ... --jitconfig ...``: the
-    runner's ``tart exec`` of VM ``name`` (a boot probe has no ``--jitconfig``)."""
-    for i, word in enumerate(argv[:-1]):
-        if word == "exec" and argv[i + 1] == name:
-            return "--jitconfig" in argv[i + 2 :]
+    """Whether a command line (split at spaces, as ``ps`` shows it) is the runner's ``tart
+    exec`` of VM ``name``: ``... exec [-i] <name> ...`` running :data:`_JIT_WRAPPER`, or
+    ``<runner_cmd> --jitconfig <config>`` as an earlier outrunner started runners (so that those
+    are still adopted after an upgrade). A boot probe, ``exec <name> echo ok``, is neither."""
+    for i, word in enumerate(argv):
+        if word != "exec":
+            continue
+        at = i + 1
+        while at < len(argv) and argv[at].startswith("-"):  # tart exec's flags: -i, -t, -it
+            at += 1
+        if at < len(argv) and argv[at] == name:
+            command = argv[at + 1 :]
+            return "--jitconfig" in command or any(_JIT_ENV in word for word in command)
     return False
 
 

@@ -43,8 +43,11 @@ Behaviour, as the real CLI (``Sources/tart/Commands/*.swift``) unless marked *fa
   that is not a directory fails at once, and deleting the VM folder behind its back ends it.
 * ``exec [-i] [-t] NAME CMD...``: fails (exit 2) on a stopped VM and (exit 1, "is the Tart Guest
   Agent running?") until the VM's boot delay has passed since ``run`` started; then runs CMD on
-  the host with the VM folder as working directory and stdin closed (unless ``-i``), passing its
-  output and exit status through. The command runs in its own session and dies with the VM.
+  the host with the VM folder as working directory, passing its output and exit status through.
+  CMD's stdin is ``/dev/null``, or with ``-i`` (short only, like tart) a pipe fed with the
+  fake's own stdin and closed at its end, as the guest agent closes it when tart forwards the
+  end of its stdin. The command runs in its own session and dies with the VM. *Fake:* ``-t``
+  allocates no terminal.
 * ``stop NAME [-t|--timeout S]``: SIGINT to the ``run`` process, SIGKILL after S seconds
   (default 30); exit 2 when the VM is not running.
 * ``delete NAME...``: exit 2 for a missing VM; like tart, exit 1 (``VM "x" is running``) for a
@@ -81,6 +84,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -88,7 +92,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import Any, Final
+from typing import IO, Any, Final
 
 __all__ = [
     "BOOT_DELAY_ENV",
@@ -812,11 +816,14 @@ def _exec(home: _Home, args: _Args) -> int:
         child = subprocess.Popen(
             args.rest,
             cwd=vm,
-            stdin=None if args.options["interactive"] else subprocess.DEVNULL,
+            # The guest agent gives an interactive command a pipe, a non-interactive one nothing.
+            stdin=subprocess.PIPE if args.options["interactive"] else subprocess.DEVNULL,
             start_new_session=True,  # the "guest" process group, killed when the VM stops
         )
     except OSError as exc:
         raise _runtime(f"failed to run {args.rest[0]!r} in the guest: {exc.strerror}", 1) from exc
+    if child.stdin is not None:
+        threading.Thread(target=_forward_stdin, args=(child.stdin,), daemon=True).start()
     marker = vm / "guest" / str(child.pid)
     with contextlib.suppress(OSError):
         marker.parent.mkdir(exist_ok=True)
@@ -844,6 +851,20 @@ def _exec(home: _Home, args: _Args) -> int:
                 raise _runtime(_CONNECTION_LOST, 1)
     finally:
         marker.unlink(missing_ok=True)
+
+
+def _forward_stdin(pipe: IO[bytes]) -> None:
+    """``tart exec -i``: this process's stdin to the command's, which is closed at its end."""
+    try:
+        while chunk := os.read(0, 64 * 1024):
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(pipe.fileno(), view) :]
+    except OSError:
+        pass  # no stdin, or the command closed its own (EPIPE)
+    finally:
+        with contextlib.suppress(OSError):
+            pipe.close()
 
 
 def _stop(home: _Home, args: _Args) -> int:
@@ -1099,10 +1120,15 @@ class FakeTart:
         env.update(extra)
         return env
 
-    def call(self, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
-        """Run the fake CLI with ``args``; output captured as text."""
+    def call(
+        self, *args: str, input: str | None = None, timeout: float = 30.0
+    ) -> subprocess.CompletedProcess[str]:
+        """Run the fake CLI with ``args`` and ``input`` on its stdin (default: ``/dev/null``);
+        output captured as text."""
         return subprocess.run(
             [str(self.executable), *args],
+            input=input,
+            stdin=subprocess.DEVNULL if input is None else None,
             capture_output=True,
             text=True,
             timeout=timeout,

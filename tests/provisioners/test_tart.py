@@ -4,12 +4,14 @@ lifecycle, failures and their logs, cancellation, orphan cleanup, secrecy of the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
 import os
 import secrets
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -21,6 +23,7 @@ import pytest
 from outrunner.config import RunnerConfig, TartImage, TartMount
 from outrunner.provisioner import RunnerRequest
 from outrunner.provisioners.tart import (
+    _JIT_WRAPPER,
     TAIL_BYTES,
     TartProvisioner,
     TartProvisionerError,
@@ -32,8 +35,13 @@ from outrunner.testing.faketart import FakeTart, Invocation
 
 pytestmark = pytest.mark.anyio
 
-IDLE_RUNNER = 'printf "%s\\n" "$@" > args.txt\nexec sleep 600\n'
-"""Records its arguments in the VM folder (the fake's guest cwd), then idles until killed."""
+IDLE_RUNNER = (
+    'printf "%s\\n" "$@" > args.txt\n'
+    'printf "%s" "$ACTIONS_RUNNER_INPUT_JITCONFIG" > jit.txt\n'
+    "exec sleep 600\n"
+)
+"""Records its arguments and the JIT config it was given in the VM folder (the fake's guest cwd),
+then idles until killed."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,8 +217,9 @@ async def test_lifecycle_runs_exact_commands_and_leaves_nothing(
         {"name": "tools", "path": str(tools), "read_only": True, "tag": AUTOMOUNT},
     ]
     vm_dir = fake.home / "vms" / name
-    await eventually(lambda: read(vm_dir / "args.txt") != "")
-    assert read(vm_dir / "args.txt").split() == ["--jitconfig", req.jit_config]
+    await eventually(lambda: read(vm_dir / "jit.txt") != "")
+    assert read(vm_dir / "jit.txt") == req.jit_config
+    assert read(vm_dir / "args.txt") == "\n", "the runner has no arguments"
     assert not await provisioner.exited(name)
 
     await provisioner.stop(name)
@@ -222,7 +231,7 @@ async def test_lifecycle_runs_exact_commands_and_leaves_nothing(
         ["clone", "base", name],
         ["set", name, "--cpu", "3", "--memory", "3072"],
         ["run", "--no-graphics", f"--dir=cache:{cache}", f"--dir=tools:{tools}:ro", name],
-        ["exec", name, idle, "--jitconfig", req.jit_config],
+        ["exec", "-i", name, "/bin/sh", "-c", _JIT_WRAPPER, idle],
         ["stop", "--timeout", "30", name],
         ["delete", name],
     ]
@@ -598,7 +607,93 @@ async def test_jit_config_never_reaches_the_log(
     assert any(r.getMessage() == "Runner failed" for r in tart_logs.records)
     assert jit not in logged(tart_logs)
     assert not any(jit in m for m in messages)
-    assert any(jit in " ".join(i.argv) for i in fake.invocations()), "the runner did get it"
+    assert not any(jit in " ".join(i.argv) for i in fake.invocations())
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="reads Linux's /proc")
+async def test_jit_config_is_in_no_command_line_and_reaches_the_runner(
+    provisioner: TartProvisioner, fake: FakeTart, *, log_dir: Path, scale_set: str, idle: str
+) -> None:
+    jit = f"SECRET-JIT-{secrets.token_hex(16)}"
+    name = runner_name(scale_set)
+    await provisioner.start(request(name, tart_runner(scale_set, fake, idle), jit))
+    vm_dir = fake.home / "vms" / name
+    await eventually(lambda: read(vm_dir / "jit.txt") != "")
+    assert read(vm_dir / "jit.txt") == jit, "the runner got it, in its environment"
+
+    # While the runner runs, no process on this host has it in its arguments: not the live
+    # `tart exec`, not the guest's wrapper (which exec'd the runner), not the runner.
+    (runner_exec,) = [i for i in calls(fake, "exec", name) if i.ended is None]
+    (guest,) = guest_processes(fake, name)
+    cmdlines = command_lines()
+    assert runner_exec.pid in cmdlines
+    assert guest in cmdlines
+    assert [pid for pid, cmdline in cmdlines.items() if jit.encode() in cmdline] == []
+    assert jit.encode() in environment(guest)
+    assert jit.encode() not in environment(runner_exec.pid)
+    # tart exec reads it from a file without a name, which no capture file is.
+    assert os.readlink(f"/proc/{runner_exec.pid}/fd/0").endswith(" (deleted)")
+    assert [p.suffix for p in files(log_dir)] == [".log", ".log"]
+    assert not any(jit in read(p) for p in files(log_dir))
+
+    await provisioner.stop(name)
+    assert not any(jit in " ".join(i.argv) for i in fake.invocations())
+
+
+def environment(pid: int) -> bytes:
+    return Path(f"/proc/{pid}/environ").read_bytes()
+
+
+def command_lines() -> dict[int, bytes]:
+    """``/proc/<pid>/cmdline`` of every process we may read."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                found[int(entry.name)] = (entry / "cmdline").read_bytes()
+    return found
+
+
+async def test_a_jit_config_of_several_lines_is_refused_before_anything_is_made(
+    provisioner: TartProvisioner, fake: FakeTart, scale_set: str, idle: str
+) -> None:
+    runner = tart_runner(scale_set, fake, idle)
+    with pytest.raises(TartProvisionerError, match="not a single line") as caught:
+        await provisioner.start(request(runner_name(scale_set), runner, "SECRET\nLINES"))
+    assert "SECRET" not in str(caught.value)
+    assert fake.invocations() == []
+
+
+ECHO_RUNNER = 'echo "jit=$ACTIONS_RUNNER_INPUT_JITCONFIG args=$#"\nread -r more\necho "read: $?"\n'
+"""Shows the JIT config it got, how many arguments, and whether stdin has more."""
+
+
+def test_wrapper_hands_one_line_of_stdin_to_the_runner_and_nothing_else(
+    fake: FakeTart, tmp_path: Path
+) -> None:
+    echo = write_script(tmp_path / "echo.sh", ECHO_RUNNER)
+    fake.create_vm("wrapped")
+    vm = subprocess.Popen([str(fake.executable), "run", "wrapped"], env=fake.env())
+    try:
+        wait_for(lambda: fake.is_running("wrapped"))
+        exec_ = ("exec", "-i", "wrapped", "/bin/sh", "-c", _JIT_WRAPPER, echo)
+        given = fake.call(*exec_, input="SECRET\nmore\n")
+        # The runner's stdin is /dev/null: the second line stays with the wrapper.
+        assert (given.returncode, given.stdout) == (0, "jit=SECRET args=0\nread: 1\n")
+        for missing in ("", "\n", "SECRET"):  # nothing, an empty line, a cut-off line
+            failed = fake.call(*exec_, input=missing)
+            assert (failed.returncode, failed.stdout) == (1, ""), missing
+            assert failed.stderr == "outrunner: no JIT config on standard input\n"
+    finally:
+        fake.call("stop", "wrapped")
+        assert vm.wait(5) == 0
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.02)
 
 
 # --------------------------------------------------------------------------------------------
@@ -639,8 +734,11 @@ async def test_wait_exited_of_unknown_names_and_when_closed_meanwhile(
     assert fake.is_running(name)
 
 
-TICKING_RUNNER = "while :; do echo tick; sleep 0.05; done\n"
-"""A runner that writes to its output all the time: it would die of SIGPIPE on a broken pipe."""
+TICKING_RUNNER = (
+    'echo "jit=$ACTIONS_RUNNER_INPUT_JITCONFIG"\nwhile :; do echo tick; sleep 0.05; done\n'
+)
+"""A runner that shows its JIT config, then writes to its output all the time: it would die of
+SIGPIPE on a broken pipe."""
 
 OUTRUNNER = """
 import asyncio, sys
@@ -648,11 +746,11 @@ from outrunner.config import RunnerConfig, TartImage
 from outrunner.provisioner import RunnerRequest
 from outrunner.provisioners.tart import TartProvisioner
 
-async def main(tart, log_dir, scale_set, name, runner_cmd):
+async def main(tart, log_dir, scale_set, name, runner_cmd, jit):
     image = TartImage(image="base", runner_cmd=runner_cmd, tart_path=tart)
     runner = RunnerConfig(name=scale_set, labels=("macos",), tart=image)
     provisioner = TartProvisioner(tart_path=tart, log_dir=log_dir)
-    await provisioner.start(RunnerRequest(name, "jit", runner))
+    await provisioner.start(RunnerRequest(name, jit, runner))
     print("started", flush=True)
     await asyncio.sleep(3600)
 
@@ -666,11 +764,12 @@ async def test_a_vm_outlives_its_sigkilled_outrunner_and_is_adopted(
 ) -> None:
     ticking = write_script(tmp_path / "ticking.sh", TICKING_RUNNER)
     name = runner_name(scale_set)
+    jit = f"JIT-{secrets.token_hex(8)}"
     outrunner = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
         OUTRUNNER,
-        *(str(fake.executable), str(log_dir), scale_set, name, ticking),
+        *(str(fake.executable), str(log_dir), scale_set, name, ticking, jit),
         stdout=asyncio.subprocess.PIPE,
     )
     assert outrunner.stdout is not None
@@ -678,11 +777,13 @@ async def test_a_vm_outlives_its_sigkilled_outrunner_and_is_adopted(
     outrunner.kill()
     await outrunner.wait()
 
-    # Nothing died with it: the VM runs, and the runner keeps writing to its capture file.
+    # Nothing died with it: the VM runs, and the runner, which got its JIT config (complete
+    # before its tart exec started), keeps writing to its capture file.
     size = runner_output_size(log_dir, name)
     await asyncio.sleep(0.5)
     assert fake.is_running(name)
     assert runner_output_size(log_dir, name) > size
+    assert read(runner_capture(log_dir, name)).startswith(f"jit={jit}\ntick\n")
     assert sorted(i.verb for i in fake.invocations() if i.ended is None) == ["exec", "run"]
 
     async with TartProvisioner(tart_path=str(fake.executable), log_dir=log_dir) as fresh:
@@ -700,9 +801,13 @@ async def test_a_vm_outlives_its_sigkilled_outrunner_and_is_adopted(
     assert files(log_dir) == [], "the adopted runner's capture files are removed with it"
 
 
-def runner_output_size(log_dir: Path, name: str) -> int:
+def runner_capture(log_dir: Path, name: str) -> Path:
     (capture,) = log_dir.glob(f"{name}-runner-*.log")
-    return capture.stat().st_size
+    return capture
+
+
+def runner_output_size(log_dir: Path, name: str) -> int:
+    return runner_capture(log_dir, name).stat().st_size
 
 
 async def test_adopt_refuses_what_is_not_a_live_runner_of_the_scale_set(
@@ -741,9 +846,17 @@ async def test_adopt_refuses_what_is_not_a_live_runner_of_the_scale_set(
 
 def test_runner_exec_is_recognised_by_its_command_line() -> None:
     name = "linux-0a1b2c3d"
+    # Split at spaces, as `ps -o args=` shows it.
+    ours = f"/opt/homebrew/bin/tart exec -i {name} /bin/sh -c {_JIT_WRAPPER} /a/run.sh".split()
+    assert _is_runner_exec(ours, name)
+    assert _is_runner_exec(["python3", "faketart.py", *ours[1:]], name)
+    # Started by an earlier outrunner, with the JIT config as an argument: adopted after an upgrade.
     assert _is_runner_exec(["tart", "exec", name, "/a/run.sh", "--jitconfig", "x"], name)
-    assert _is_runner_exec(["python3", "faketart.py", "exec", name, "r", "--jitconfig", "x"], name)
     assert not _is_runner_exec(["tart", "exec", name, "echo", "ok"], name)  # a boot probe
+    assert not _is_runner_exec(["tart", "exec", "-i", name, "/bin/sh", "-c", "echo", "hi"], name)
+    other = f"tart exec -i linux-deadbeef /bin/sh -c {_JIT_WRAPPER} /a/run.sh".split()
+    assert not _is_runner_exec(other, name)
     assert not _is_runner_exec(["tart", "exec", "linux-deadbeef", "r", "--jitconfig", "x"], name)
     assert not _is_runner_exec(["tart", "run", name], name)
     assert not _is_runner_exec(["tart", "exec"], name)
+    assert not _is_runner_exec(["tart", "exec", "-i"], name)

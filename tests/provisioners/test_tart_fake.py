@@ -83,6 +83,7 @@ EXCLUSIVE = "--graphics and --no-graphics are mutually exclusive"
         (["run", "--graphics", "--no-graphics", "base"], EXCLUSIVE),
         (["exec", "base"], "Missing expected argument '<command> ...'"),
         (["exec", "-x", "base", "true"], "Unknown option '-x'"),
+        (["exec", "--interactive", "base", "true"], "Unknown option '--interactive'"),
         (["stop", "base", "-t", "soon"], "The value 'soon' is invalid for '-t <timeout>'"),
         (["delete"], "Missing expected argument '<name>'"),
         (["list", "--source", "remote"], "'remote' is not a valid <source>"),
@@ -236,6 +237,37 @@ def test_exec_needs_a_running_booted_vm_then_runs_on_the_host(
     assert result.returncode == 7
     assert result.stdout.splitlines() == [str(fake.home / "vms" / "base"), "no stdin"]
     assert result.stderr == "oops\n"
+
+
+READ_ALL = '[ -p /dev/stdin ] && echo pipe; while read -r line; do echo "got $line"; done; echo end'
+"""Says whether its stdin is a pipe, then echoes its lines until the end."""
+
+
+def test_exec_forwards_stdin_only_with_i(
+    fake: FakeTart, start_vm: Callable[..., subprocess.Popen[str]]
+) -> None:
+    start_vm("base")
+    # -i: the command reads the caller's stdin through a pipe, as the guest agent gives it, and
+    # sees its end.
+    interactive = fake.call("exec", "-i", "base", "sh", "-c", READ_ALL, input="one\ntwo\n")
+    assert (interactive.returncode, interactive.stdout) == (0, "pipe\ngot one\ngot two\nend\n")
+    # A file on the caller's side, as outrunner gives the runner's tart exec: the same.
+    source = fake.home / "stdin.txt"
+    source.write_text("from a file\n")
+    with source.open("rb") as stdin:
+        from_file = subprocess.run(
+            [str(fake.executable), "exec", "-i", "base", "sh", "-c", READ_ALL],
+            stdin=stdin,
+            capture_output=True,
+            text=True,
+            env=fake.env(),
+            check=False,
+            timeout=30,
+        )
+    assert (from_file.returncode, from_file.stdout) == (0, "pipe\ngot from a file\nend\n")
+    # Without -i the command's stdin is /dev/null, whatever the caller's.
+    plain = fake.call("exec", "base", "sh", "-c", READ_ALL, input="ignored\n")
+    assert (plain.returncode, plain.stdout) == (0, "end\n")
 
 
 def test_guest_processes_die_with_the_vm(
