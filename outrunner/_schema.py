@@ -83,6 +83,7 @@ class _Rules:
     nullable: bool = True
     from_key: bool = False
     relative_to_file: bool = False
+    path_checks: tuple[Check, ...] = ()
 
 
 _RULES_KEY: Final = "outrunner.schema"
@@ -97,6 +98,7 @@ def rules(
     nullable: bool = True,
     from_key: bool = False,
     relative_to_file: bool = False,
+    path_checks: Iterable[Check] = (),
 ) -> dict[str, Any]:
     """Field metadata for the decoder.
 
@@ -109,6 +111,8 @@ def rules(
     from_key: the field is not a YAML key; the decoder fills it with the key under which the
         enclosing mapping holds this object.
     relative_to_file: a relative path is resolved against the directory of the config file.
+    path_checks: run on a path after ``relative_to_file`` resolved it, e.g. that the file it
+        names can be read (``checks`` see the value as written).
     """
     return {
         _RULES_KEY: _Rules(
@@ -119,6 +123,7 @@ def rules(
             nullable=nullable,
             from_key=from_key,
             relative_to_file=relative_to_file,
+            path_checks=tuple(path_checks),
         )
     }
 
@@ -671,13 +676,13 @@ class Decoder:
                     self.report(loc.key(f.name, None), "missing required key")
                     ok = False
                 continue
-            value = self._value(
-                raw[f.name], f.type, f.rules, loc.key(f.name, lines.get(f.name)), None
-            )
-            if value is INVALID:
-                ok = False
-            elif f.rules.relative_to_file and self.base_dir is not None and value:
-                value = os.path.normpath(os.path.join(self.base_dir, value))
+            field_loc = loc.key(f.name, lines.get(f.name))
+            value = self._value(raw[f.name], f.type, f.rules, field_loc, None)
+            if value is not INVALID and value:
+                if f.rules.relative_to_file and self.base_dir is not None:
+                    value = os.path.normpath(os.path.join(self.base_dir, value))
+                value = self._run_checks(value, f.rules.path_checks, field_loc)
+            ok = ok and value is not INVALID
             kwargs[f.name] = value
         if not ok:
             return INVALID

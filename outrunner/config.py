@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
+import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Final, Literal
@@ -56,6 +58,7 @@ __all__ = [
     "TartImage",
     "TartMount",
     "load_config",
+    "resolve_runner_ca_file",
     "resolve_runner_token",
     "resolve_runner_url",
     "resolve_token",
@@ -145,6 +148,31 @@ def _docker_memory(value: int) -> str | None:
 
 def _not_negative(value: float) -> str | None:
     return f"must be 0 or more, got {value}" if value < 0 else None
+
+
+def _ca_file(path: str) -> str | None:
+    # Loaded as the client will load it, so a wrong path or a file without a PEM certificate is
+    # reported with the config's file and line at start-up, not as a TLS error later.
+    try:
+        # Reading a FIFO or /dev/zero would never end.
+        reason = "" if stat.S_ISREG(os.stat(path).st_mode) else "not a regular file"
+        if not reason:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        if isinstance(exc, ssl.SSLError):
+            reason = "not a PEM certificate bundle" + (f" ({exc.reason})" if exc.reason else "")
+        elif isinstance(exc, FileNotFoundError):
+            reason = "file not found"
+        elif isinstance(exc, OSError) and exc.strerror:
+            reason = exc.strerror
+        else:
+            reason = str(exc)
+    if reason:
+        return f"cannot use {quote(path, limit=None)} as a CA file: {reason}"
+    return None
+
+
+_CA_FILE_RULES: Final = rules(non_blank, no_tilde, relative_to_file=True, path_checks=(_ca_file,))
 
 
 DEFAULT_DRAIN_TIMEOUT: Final = 900.0
@@ -329,7 +357,8 @@ _BACKENDS: Final[tuple[ProviderType, ...]] = ("docker", "libvirt", "tart")
 class RunnerConfig:
     """One runner definition: a scale set and the environment each of its runners gets.
 
-    ``url`` and ``token_file`` are per-runner overrides; empty means "use the global ones".
+    ``url``, ``token_file`` and ``ca_file`` are per-runner overrides; empty means "use the global
+    ones".
     Every field has a default so code (and tests) can build partial instances;
     :func:`load_config` enforces the required keys.
     """
@@ -338,6 +367,8 @@ class RunnerConfig:
     """The scale set name: the key of this entry under ``runners``."""
     url: str = field(default="", metadata=rules(http_url))
     token_file: str = field(default="", metadata=rules(non_blank, no_tilde, relative_to_file=True))
+    ca_file: str = field(default="", metadata=_CA_FILE_RULES)
+    """PEM CA bundle that verifies this runner's GitHub (instead of the system trust store)."""
     labels: tuple[str, ...] = field(
         default=(),
         metadata=rules(
@@ -385,6 +416,9 @@ class Config:
 
     url: str = field(default="", metadata=rules(http_url))
     token_file: str = field(default="", metadata=rules(non_blank, no_tilde, relative_to_file=True))
+    ca_file: str = field(default="", metadata=_CA_FILE_RULES)
+    """PEM CA bundle that verifies GitHub's certificate instead of the system trust store (a
+    GHES with a private CA); ``""``: the system trust store."""
     drain_timeout: float = field(default=DEFAULT_DRAIN_TIMEOUT, metadata=rules(_not_negative))
     """Seconds SIGTERM/SIGINT lets busy runners finish their jobs; 0 stops them at once."""
     state_dir: str = field(default="", metadata=rules(absolute_path))
@@ -445,7 +479,8 @@ _MAX_CONFIG_BYTES: Final = 1 << 20
 def load_config(path: str | os.PathLike[str]) -> Config:
     """Read, parse and validate a config file.
 
-    Relative ``token_file`` paths are resolved against the directory of the config file.
+    Relative ``token_file`` and ``ca_file`` paths are resolved against the directory of the config
+    file; a ``ca_file`` must hold a PEM certificate.
     Raises :class:`ConfigError` for anything wrong with the file; nothing else escapes for bad
     input.
     """
@@ -596,6 +631,25 @@ def resolve_runner_token(flag_token: str | None, cfg: Config, runner: RunnerConf
         assert token is not None
         return token
     return resolve_token(flag_token, cfg)
+
+
+def resolve_runner_ca_file(cfg: Config, runner: RunnerConfig) -> str:
+    """The CA file a runner's client trusts: its own ``ca_file``, else the global one; ``""``
+    means the system trust store.
+
+    Raises :class:`ConfigError` when the file cannot be loaded as a PEM CA bundle (checked again
+    here for configs built in code, which :func:`load_config` did not see).
+    """
+    if runner.ca_file:
+        path, origin = runner.ca_file, f"{_runner_key(runner)}.ca_file"
+    elif cfg.ca_file:
+        path, origin = cfg.ca_file, "ca_file"
+    else:
+        return ""
+    problem = _ca_file(path)
+    if problem is not None:
+        raise ConfigError(f"{origin}: {problem}")
+    return path
 
 
 def _runner_key(runner: RunnerConfig) -> str:

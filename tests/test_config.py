@@ -35,11 +35,13 @@ from outrunner.config import (
     TartImage,
     TartMount,
     load_config,
+    resolve_runner_ca_file,
     resolve_runner_token,
     resolve_runner_url,
     resolve_token,
     resolve_url,
 )
+from tests.scaleset.scripted_server import self_signed_certificate
 
 
 def write_config(directory: Path, content: str, name: str = "config.yml") -> Path:
@@ -2049,6 +2051,96 @@ def test_flag_url_is_validated() -> None:
 def test_runner_url_is_validated() -> None:
     with pytest.raises(ConfigError, match=r"runners\.a\.url"):
         resolve_runner_url(None, Config(), RunnerConfig(name="a", url="ftp://x"))
+
+
+# ============================================================================================
+# ca_file: a private CA (GHES), global and per runner
+
+
+def test_ca_file_global_and_per_runner_relative_to_the_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conf_dir = tmp_path / "etc"
+    (conf_dir / "certs").mkdir(parents=True)
+    global_ca = self_signed_certificate(conf_dir, "global").cert
+    runner_ca = self_signed_certificate(conf_dir / "certs", "runner").cert
+    path = write_config(
+        conf_dir,
+        """\
+        ca_file: global.pem
+        runners:
+          a:
+            labels: [a]
+            docker: {image: x}
+          b:
+            ca_file: ./certs/../certs/runner.pem
+            labels: [b]
+            docker: {image: x}
+        """,
+    )
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(path.relative_to(tmp_path))
+    assert cfg.ca_file == str(global_ca)
+    assert cfg.runners["a"].ca_file == ""
+    assert cfg.runners["b"].ca_file == str(runner_ca)
+    # The runner's own beats the global one; without either, "" (the system trust store).
+    assert resolve_runner_ca_file(cfg, cfg.runners["a"]) == str(global_ca)
+    assert resolve_runner_ca_file(cfg, cfg.runners["b"]) == str(runner_ca)
+    assert resolve_runner_ca_file(Config(), RunnerConfig(name="a")) == ""
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        pytest.param(lambda d: d / "missing.pem", "file not found", id="missing"),
+        pytest.param(lambda d: d, "not a regular file", id="directory"),
+        pytest.param(
+            lambda d: _written(d / "token.pem", "ghp_notACertificate\n"),
+            "not a PEM certificate bundle (NO_CERTIFICATE_OR_CRL_FOUND)",
+            id="not-pem",
+        ),
+        pytest.param(
+            lambda d: _written(d / "cut.pem", "-----BEGIN CERTIFICATE-----\nMIIB\n"),
+            "not a PEM certificate bundle",
+            id="truncated-pem",
+        ),
+    ],
+)
+def test_bad_ca_file_names_file_line_key_and_value(tmp_path: Path, make: Any, reason: str) -> None:
+    bad = make(tmp_path)
+    err = load_error(tmp_path, f"ca_file: {bad}\n" + runner(f"ca_file: {bad}\n{RUNNER_BODY}"))
+    source = tmp_path / "config.yml"
+    assert str(err).splitlines() == [
+        f'{source}:1: ca_file: cannot use "{bad}" as a CA file: {reason}',
+        f'{source}:5: runners.linux.ca_file: cannot use "{bad}" as a CA file: {reason}',
+    ]
+
+
+RUNNER_BODY = "labels: [a]\ndocker: {image: x}\n"
+
+
+def _written(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("''", "must not be empty"), ("~/ca.pem", "must not start with ~"), ("[a]", "expected a")],
+)
+def test_ca_file_value_checks(tmp_path: Path, value: str, message: str) -> None:
+    err = load_error(tmp_path, f"ca_file: {value}\n" + runner(RUNNER_BODY))
+    assert [p.path for p in err.problems] == ["ca_file"]
+    assert message in err.problems[0].message
+
+
+def test_resolving_a_ca_file_checks_it_again(tmp_path: Path) -> None:
+    """A Config built in code was never loaded: the resolver reports a bad file by its key."""
+    missing = str(tmp_path / "gone.pem")
+    with pytest.raises(ConfigError, match=r"^runners\.linux\.ca_file: cannot use .* not found"):
+        resolve_runner_ca_file(Config(), RunnerConfig(name="linux", ca_file=missing))
+    with pytest.raises(ConfigError, match=r"^ca_file: cannot use .*gone\.pem"):
+        resolve_runner_ca_file(Config(ca_file=missing), RunnerConfig(name="linux"))
 
 
 # ============================================================================================

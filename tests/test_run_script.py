@@ -6,7 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import outrunner
+from outrunner.testing.faketart import FakeTart
+from tests.scaleset.scripted_server import ScriptedServer, self_signed_certificate
 
 SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "run.py"
 
@@ -93,3 +97,40 @@ def test_unreachable_backend_is_one_clear_line(tmp_path: Path) -> None:
     assert result.stderr.startswith("outrunner: error: ")
     assert "/nonexistent/docker.sock" in result.stderr
     assert "ghp_notARealToken0123456789" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("trust", ["system", "ca_file"])
+def test_untrusted_certificate_ends_start_up_with_one_line(tmp_path: Path, trust: str) -> None:
+    """A self-signed server: exit 1 at once (not "GitHub unreachable" forever), and a line that
+    says "certificate", names the URL and what the certificate was checked against."""
+    server_cert = self_signed_certificate(tmp_path)
+    other_cert = self_signed_certificate(tmp_path, "other")  # a CA file that does not match
+    tart = FakeTart.install(tmp_path / "tart")  # a backend that needs no daemon
+    token = "ghp_notARealToken0123456789"
+    with ScriptedServer(tls=server_cert.server_context()) as server:
+        config = tmp_path / "farm.yml"
+        config.write_text(
+            f"url: {server.url}/org/repo\n"
+            + (f"ca_file: {other_cert.cert}\n" if trust == "ca_file" else "")
+            + "runners:\n  linux:\n    labels: [linux]\n"
+            + f"    tart: {{image: base, tart_path: '{tart.bin_dir / 'tart'}'}}\n"
+        )
+        result = run(
+            "--config",
+            str(config),
+            "--state-dir",
+            str(tmp_path / "state"),
+            timeout=60,
+            env=tart.env({"PATH": "/usr/bin:/bin"}, GITHUB_TOKEN=token),
+        )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    token_url = f"{server.url}/api/v3/repos/org/repo/actions/runners/registration-token"
+    assert lines[0].startswith(f"outrunner: error: request POST {token_url} failed: ")
+    assert "TLS certificate verification failed: self-signed certificate" in lines[0]
+    roots = "the system trust store" if trust == "system" else f"CA file {other_cert.cert}"
+    assert lines[0].endswith(f"(trusted roots: {roots})")
+    assert server.connections == 1  # not retried
+    assert token not in result.stdout + result.stderr

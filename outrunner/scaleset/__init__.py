@@ -10,6 +10,7 @@ from outrunner.scaleset.errors import (
     JobStillRunningError,
     MessageQueueTokenExpiredError,
     NameLookupError,
+    PermanentTransportError,
     ProtocolError,
     RetryExhaustedError,
     RunnerExistsError,
@@ -18,6 +19,7 @@ from outrunner.scaleset.errors import (
     SessionConflictError,
     SessionExpiredError,
     StatusError,
+    TLSVerificationError,
     TransportError,
 )
 from outrunner.scaleset.listener import (
@@ -31,6 +33,7 @@ from outrunner.scaleset.retry import RetryPolicy
 from outrunner.scaleset.session import MessageSession
 from outrunner.scaleset.types import (
     DEFAULT_RUNNER_GROUP,
+    DEFAULT_RUNNER_GROUP_ID,
     NIL_SESSION_ID,
     JitRunnerConfig,
     JitRunnerSetting,
@@ -52,6 +55,7 @@ from outrunner.scaleset.urls import GitHubConfig, Scope, parse_config_url
 
 __all__ = [
     "DEFAULT_RUNNER_GROUP",
+    "DEFAULT_RUNNER_GROUP_ID",
     "NIL_SESSION_ID",
     "Client",
     "Credentials",
@@ -73,6 +77,7 @@ __all__ = [
     "MetricsRecorder",
     "NameLookupError",
     "NoopMetrics",
+    "PermanentTransportError",
     "PersonalAccessToken",
     "ProtocolError",
     "RetryExhaustedError",
@@ -93,6 +98,7 @@ __all__ = [
     "SessionExpiredError",
     "StatusError",
     "SystemInfo",
+    "TLSVerificationError",
     "TransportError",
     "parse_config_url",
 ]

@@ -1,4 +1,6 @@
-"""Reading and writing the scale set API's JSON the way the Go client does (§3.1, §3.2, §4.2, §4.3).
+"""Reading and writing the scale set API's JSON the way the Go client does.
+
+See ``docs/protocol.md`` §3.1, §3.2, §4.2 and §4.3.
 
 Reading follows Go's ``encoding/json``: keys match case-insensitively (the last matching key wins),
 unknown keys are ignored, ``null`` leaves the zero value, and a value of the wrong JSON type is an
@@ -434,7 +436,8 @@ def render_labels(labels: Sequence[Label]) -> list[dict[str, str]]:
 
 
 def render_runner_scale_set(scale_set: RunnerScaleSet) -> dict[str, object]:
-    """The §3.2 omitempty rules; ``RunnerSetting`` (capital R) and ``createdOn`` always written."""
+    """The omitempty rules of docs/protocol.md §3.2; ``RunnerSetting`` (capital R) and
+    ``createdOn`` are always written."""
     out: dict[str, object] = {}
     if scale_set.id:
         out["id"] = scale_set.id

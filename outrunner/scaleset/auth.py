@@ -1,4 +1,4 @@
-"""Credentials and the admin-token exchange (protocol reference §2).
+"""Credentials and the admin-token exchange (``docs/protocol.md`` §2).
 
 Every Actions-service call needs an *admin token*, obtained in two GitHub REST calls::
 
@@ -214,6 +214,12 @@ class AdminTokenCache:
         if connection is None or self._clock() + REFRESH_MARGIN > connection.expires_at:
             return None
         return connection
+
+    def invalidate(self, token: str) -> None:
+        """Forget the connection holding ``token`` (the service refused it), so the next
+        :meth:`get` fetches a new one; a newer connection is kept."""
+        if self._current is not None and self._current.token == token:
+            self._current = None
 
     async def get(self) -> AdminConnection:
         if usable := self._usable(self._current):

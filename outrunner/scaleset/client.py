@@ -1,34 +1,32 @@
-"""The scale set API client: admin-token handling, scale sets, runner groups, JIT configs, runners.
+"""The scale set API client: scale sets, runner groups, JIT configs, runners, message sessions.
 
-Every request is built here (``_send`` and ``_actions_request``); :mod:`.session` reuses both so
-headers, retries and token refresh live in one place.
+Every request goes through the client's private :class:`~outrunner.scaleset._transport.Transport`
+(User-Agent, retries, timeouts, TLS, admin-token refresh), which the message sessions it opens
+share, so headers, retries and token refresh live in one place.
 
 The Go client runs one public call at a time under a mutex. This one does not need to: calls share
-nothing mutable except the admin token, whose refresh is serialised by :class:`AdminTokenCache`.
+nothing mutable except the admin token, whose refresh is serialised by ``AdminTokenCache``.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
-import json
-import logging
-import re
 import ssl
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from types import TracebackType
 from typing import Self, TypeVar
 
 import httpx
 
-from outrunner.scaleset import _json, retry
-from outrunner.scaleset.auth import (
-    AdminConnection,
-    AdminTokenCache,
-    Credentials,
-    fetch_admin_connection,
-    fetch_registration_token,
+from outrunner.scaleset import _json
+from outrunner.scaleset._transport import (
+    CONNECT_TIMEOUT,
+    DEFAULT_TIMEOUT,
+    SystemInfo,
+    Transport,
+    user_agent,
 )
+from outrunner.scaleset.auth import Credentials
 from outrunner.scaleset.errors import go_quote, lookup_error, protocol_error, response_error
 from outrunner.scaleset.retry import RetryPolicy
 from outrunner.scaleset.session import MessageSession
@@ -40,66 +38,41 @@ from outrunner.scaleset.types import (
     RunnerReference,
     RunnerScaleSet,
 )
-from outrunner.scaleset.urls import GitHubConfig, actions_url, parse_config_url
+from outrunner.scaleset.urls import (
+    RUNNER_GROUPS,
+    RUNNERS,
+    SCALE_SETS,
+    GitHubConfig,
+    parse_config_url,
+)
 
-_log = logging.getLogger("outrunner.scaleset.client")
+__all__ = [
+    "CONNECT_TIMEOUT",
+    "DEFAULT_TIMEOUT",
+    "RUNNERS",
+    "RUNNER_GROUPS",
+    "SCALE_SETS",
+    "Client",
+    "SystemInfo",
+    "user_agent",
+]
+
 _T = TypeVar("_T")
-
-SCALE_SETS = "_apis/runtime/runnerscalesets"
-RUNNERS = "_apis/distributedtask/pools/0/agents"
-RUNNER_GROUPS = "_apis/runtime/runnergroups/"  # the trailing slash is part of the route
-DEFAULT_TIMEOUT = 300.0  # per attempt; well above the ~50 s long poll
-CONNECT_TIMEOUT = 30.0  # establishing a connection, within an attempt
-
-
-@dataclass(frozen=True, kw_only=True)
-class SystemInfo:
-    """Who is calling; sent in the User-Agent JSON. Update ``scale_set_id`` once it is known."""
-
-    system: str = ""
-    version: str = ""
-    commit_sha: str = ""
-    scale_set_id: int = 0
-    subsystem: str = ""
-
-
-def _build_info() -> tuple[str, str]:
-    """The installed outrunner version, and a commit when the version carries one (``+g<sha>``)."""
-    try:
-        version = importlib.metadata.version("outrunner")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown", "unknown"
-    commit = re.search(r"(?:^|[+.])g([0-9a-f]{7,40})(?:$|\.)", version.partition("+")[2])
-    return version, commit.group(1) if commit else version
-
-
-_BUILD_VERSION, _BUILD_COMMIT = _build_info()
-
-
-def user_agent(info: SystemInfo) -> str:
-    """The one-line User-Agent JSON, keys in the Go client's order (§3.1)."""
-    return json.dumps(
-        {
-            "system": info.system,
-            "version": info.version,
-            "commit_sha": info.commit_sha,
-            "scale_set_id": info.scale_set_id,
-            "subsystem": info.subsystem,
-            "build_version": _BUILD_VERSION,
-            "build_commit_sha": _BUILD_COMMIT,
-            "kind": "scaleset",
-        },
-        separators=(",", ":"),
-    )
 
 
 class Client:
     """Talks to GitHub and the Actions service for one config URL.
 
     An async context manager owning its connection pool; creating it makes no network call.
-    ``proxy`` defaults to the environment's ``HTTP(S)_PROXY``; ``verify`` may be a CA bundle path
-    (which replaces the system roots), an ``ssl.SSLContext`` or ``False``. ``transport`` replaces
-    the network (tests). ``timeout`` bounds each attempt.
+
+    ``verify``: ``True`` (the default) verifies certificates against the operating system's trust
+    store; a path to a PEM CA bundle trusts that bundle *instead* (like the Go client's
+    ``WithRootCAs``; :class:`ScaleSetError` if it cannot be loaded); an ``ssl.SSLContext`` is used
+    as given; ``False`` turns verification off. A certificate that does not verify raises
+    :class:`TLSVerificationError` at once, without retries. ``proxy`` defaults to the
+    environment's ``HTTPS_PROXY``/``HTTP_PROXY``/``ALL_PROXY`` with ``NO_PROXY``. ``timeout``
+    bounds each attempt (reads included; connecting is bounded by ``CONNECT_TIMEOUT`` within it)
+    and must stay above the ~50 s long poll. ``transport`` replaces the network (tests).
     """
 
     def __init__(
@@ -114,25 +87,16 @@ class Client:
         verify: bool | str | ssl.SSLContext = True,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self._config = parse_config_url(config_url)
-        self._credentials = credentials
-        self._retry = retry or RetryPolicy()
-        self._timeout = timeout
-        self._system_info = system_info or SystemInfo()
-        self._user_agent = user_agent(self._system_info)
-        if isinstance(verify, str):
-            verify = ssl.create_default_context(cafile=verify)
-        self._http = httpx.AsyncClient(
+        self._transport = Transport(
+            parse_config_url(config_url),
+            credentials,
+            system_info=system_info or SystemInfo(),
+            retry=retry or RetryPolicy(),
+            timeout=timeout,
             proxy=proxy,
             verify=verify,
             transport=transport,
-            # An unreachable host must not hold a shutdown for the whole attempt timeout (which
-            # must stay above the ~50 s long poll).
-            timeout=httpx.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT)),
-            follow_redirects=True,  # like Go's http.Client, which the Go library uses
-            max_redirects=10,
         )
-        self._admin = AdminTokenCache(self._fetch_admin_connection)
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -148,28 +112,27 @@ class Client:
         await self.aclose()
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        await self._transport.aclose()
 
     @property
     def config(self) -> GitHubConfig:
-        return self._config
+        return self._transport.config
 
     @property
     def system_info(self) -> SystemInfo:
-        return self._system_info
+        return self._transport.system_info
 
     def set_system_info(
         self, info: SystemInfo | None = None, *, scale_set_id: int | None = None
     ) -> None:
         """Replace the system info, or only its ``scale_set_id``; later requests carry it."""
-        info = info or self._system_info
+        info = info or self._transport.system_info
         if scale_set_id is not None:
             info = replace(info, scale_set_id=scale_set_id)
-        self._system_info = info
-        self._user_agent = user_agent(info)
+        self._transport.system_info = info
 
     def __repr__(self) -> str:
-        return f"Client({self._config.config_url!r})"
+        return f"Client({self.config.config_url!r})"
 
     # ------------------------------------------------------------------------------ scale sets
 
@@ -223,7 +186,11 @@ class Client:
         if count == 1:
             return self._first(response, found)
         if count == 0:
-            raise lookup_error(response, f"no runner group found with name {go_quote(name)}")
+            # The request URL is the Actions service's; the config URL says which org it is.
+            raise lookup_error(
+                response,
+                f"no runner group found with name {go_quote(name)} at {self.config.config_url}",
+            )
         raise lookup_error(response, f"multiple runner group found with name {go_quote(name)}")
 
     # ------------------------------------------------------------------------------ runners
@@ -260,7 +227,7 @@ class Client:
 
     async def create_message_session(self, scale_set_id: int, owner: str) -> MessageSession:
         """Open the scale set's message session; a second one raises ``SessionConflictError``."""
-        return await MessageSession.create(self, scale_set_id, owner)
+        return await MessageSession.create(self._transport, scale_set_id, owner)
 
     async def delete_message_session(self, scale_set_id: int, session_id: str) -> None:
         """DELETE a session by id (204), e.g. one a crashed process left open; an unknown or
@@ -268,49 +235,6 @@ class Client:
         await self._call("DELETE", f"{SCALE_SETS}/{scale_set_id}/sessions/{session_id}", expect=204)
 
     # ------------------------------------------------------------------------------ plumbing
-
-    async def _send(
-        self,
-        method: str,
-        url: str,
-        *,
-        headers: Mapping[str, str],
-        content: bytes | None = None,
-        retry_auth_failures: bool = False,
-    ) -> httpx.Response:
-        """Every request of this package goes through here: User-Agent, retries, attempt timeout."""
-        return await retry.send(
-            self._http,
-            self._retry,
-            method,
-            url,
-            headers={**headers, "User-Agent": self._user_agent},
-            content=content,
-            attempt_timeout=self._timeout,
-            also_retry=(401, 403) if retry_auth_failures else (),
-            hand_back_last=retry_auth_failures,
-        )
-
-    async def _actions_request(
-        self,
-        method: str,
-        path: str,
-        *,
-        params: Mapping[str, str] | None = None,
-        content: bytes | None = None,
-        bearer: str | None = None,
-    ) -> httpx.Response:
-        """An Actions-service request: admin token refreshed first, ``api-version`` in the query.
-
-        ``bearer`` replaces the admin token (acquirejobs sends the message-queue token).
-        """
-        admin = await self._admin.get()
-        headers = {
-            "Content-Type": "application/json",  # on every method, GET and DELETE included
-            "Authorization": f"Bearer {bearer if bearer is not None else admin.token}",
-        }
-        url = actions_url(admin.url, path, params)
-        return await self._send(method, url, headers=headers, content=content)
 
     async def _call(
         self,
@@ -322,19 +246,12 @@ class Client:
         expect: int = 200,
     ) -> httpx.Response:
         content = None if body is None else _json.dumps(body)
-        response = await self._actions_request(method, path, params=params, content=content)
+        response = await self._transport.actions_request(
+            method, path, params=params, content=content
+        )
         if response.status_code != expect:
             raise response_error(response, f"unexpected status code: {response.status_code}")
         return response
-
-    async def _fetch_admin_connection(self) -> AdminConnection:
-        _log.info(
-            "Refreshing admin token", extra={"attrs": {"config_url": self._config.config_url}}
-        )
-        registration_token = await fetch_registration_token(
-            self._send, self._config, self._credentials
-        )
-        return await fetch_admin_connection(self._send, self._config, registration_token)
 
     @staticmethod
     def _list(

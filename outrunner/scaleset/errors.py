@@ -4,7 +4,9 @@ The hierarchy::
 
     ScaleSetError                    base; carries the request context when there was a request
     ├── InvalidConfigURLError        the config URL names no enterprise, org or repository
-    ├── TransportError               no response: connect/read failure, TLS verification, timeout
+    ├── TransportError               no response: connect/read failure, timeout
+    │   └── PermanentTransportError  never retried: bad scheme, URL or header, redirect loop
+    │       └── TLSVerificationError the server's certificate did not verify
     ├── RetryExhaustedError          every attempt failed retryably: "giving up after 5 attempt(s)"
     ├── ProtocolError                a response or session that does not fit the protocol
     ├── NameLookupError              a by-name lookup matched no entry, or several
@@ -16,7 +18,7 @@ The hierarchy::
         ├── SessionExpiredError            …RunnerScaleSetSessionExpiredException
         └── MessageQueueTokenExpiredError  401 from the message queue or acquirejobs
 
-Messages follow the protocol reference §5 so that logs read like the Go client's::
+Messages follow ``docs/protocol.md`` §5 so that logs read like the Go client's::
 
     request GET <url> failed(status="404 Not Found", activity_id="…"): <cause>: <detail>
 
@@ -71,7 +73,18 @@ class InvalidConfigURLError(ScaleSetError, ValueError):
 
 
 class TransportError(ScaleSetError):
-    """The request got no response (connection refused or dropped, TLS failure, timeout)."""
+    """The request got no response (connection refused or dropped, timeout, TLS failure)."""
+
+
+class PermanentTransportError(TransportError):
+    """A request that retrying cannot help, so it was tried once: an unsupported URL scheme, a
+    malformed URL or header, more than 10 redirects, a body that cannot be decoded."""
+
+
+class TLSVerificationError(PermanentTransportError):
+    """The server's TLS certificate did not verify against the trusted roots (the system trust
+    store, or the CA file the client was given); the message says which. Never retried: a
+    certificate that does not verify now will not verify on the next attempt either."""
 
 
 class RetryExhaustedError(ScaleSetError):
@@ -122,8 +135,9 @@ class MessageQueueTokenExpiredError(StatusError):
     """The message queue rejected the session's token (401)."""
 
 
-# Matched as substrings of ``typeName`` so fully qualified .NET names match too (§5). The first
-# three also replace the cause text, like the Go sentinels; the session ones only pick the class.
+# Matched as substrings of ``typeName`` so fully qualified .NET names match too
+# (docs/protocol.md §5). The first three also replace the cause text, like the Go sentinels; the
+# session ones only pick the class.
 _SENTINELS: tuple[tuple[str, type[StatusError], str], ...] = (
     ("AgentExistsException", RunnerExistsError, "runner exists"),
     ("AgentNotFoundException", RunnerNotFoundError, "runner not found"),
@@ -180,7 +194,7 @@ def describe(method: str, url: str, response: httpx.Response | None = None) -> s
 def response_error(
     response: httpx.Response, cause: str, *, token_expired: bool = False
 ) -> StatusError:
-    """Build the error for an unexpected response, reading its body as §5 describes.
+    """Build the error for an unexpected response, reading its body as docs/protocol.md §5 says.
 
     ``cause`` is the caller's reason (``unexpected status code: 404``); ``token_expired`` marks the
     message-queue 401 path, whose body is quoted raw.

@@ -1,4 +1,4 @@
-"""The listener loop: long-poll the session and drive a scaler (protocol reference §7).
+"""The listener loop: long-poll the session and drive a scaler (``docs/protocol.md`` §7).
 
 Per message, in this order: record statistics, acknowledge (DELETE) first, acquire the available
 jobs, hand over started jobs, then completed jobs, then ask for the desired runner count with

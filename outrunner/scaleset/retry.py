@@ -1,7 +1,10 @@
-"""HTTP retries with the go-retryablehttp rules the Go client uses (protocol reference §6).
+"""HTTP retries with the go-retryablehttp rules the Go client uses (``docs/protocol.md`` §6).
 
-* Retried: transport errors (except TLS certificate failures, bad schemes and bad headers), 429, and
-  0 or >= 500 except 501. Everything else is handed back at once.
+* Retried: transport errors, 429, and 0 or >= 500 except 501. Everything else is handed back at
+  once.
+* Never retried, raised at once as :class:`PermanentTransportError`: a TLS certificate that does
+  not verify (:class:`TLSVerificationError`), an unsupported scheme, a malformed URL or header,
+  too many redirects, a body that cannot be decoded. Retrying cannot fix any of them.
 * Wait before retry ``i`` (0-based): ``min(wait_max, wait_min * 2**i)``; a 429 or 503 with a
   ``Retry-After`` (seconds or HTTP date) waits that long instead, uncapped.
 * After ``max_attempts`` retryable failures: :class:`RetryExhaustedError` ("giving up after 5
@@ -24,8 +27,9 @@ import httpx
 from outrunner.scaleset.errors import (
     ACTIVITY_ID_HEADER,
     REQUEST_ID_HEADER,
+    PermanentTransportError,
     RetryExhaustedError,
-    TransportError,
+    TLSVerificationError,
     describe,
     status_line,
 )
@@ -75,16 +79,32 @@ def is_retryable_status(status: int) -> bool:
     return status in (0, 429) or (status >= 500 and status != 501)
 
 
-def _is_retryable_error(exc: Exception) -> bool:
-    if isinstance(exc, httpx.UnsupportedProtocol | httpx.LocalProtocolError):
-        return False
-    # A certificate that does not verify will not verify next time either.
+def _certificate_error(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate verification failure behind ``exc`` (httpx wraps it in a ConnectError)."""
     cause: BaseException | None = exc
     while cause is not None:
         if isinstance(cause, ssl.SSLCertVerificationError):
-            return False
+            return cause
         cause = cause.__cause__ or cause.__context__
-    return True
+    return None
+
+
+def _permanent_error(
+    method: str, url: str, exc: Exception, trust: str
+) -> PermanentTransportError | None:
+    """The error to raise at once for a failure retrying cannot fix, or ``None`` to retry."""
+    certificate = _certificate_error(exc)
+    if certificate is not None:
+        reason = certificate.verify_message or str(certificate)
+        return TLSVerificationError(
+            f"{describe(method, url)}: TLS certificate verification failed: {reason} "
+            f"(trusted roots: {trust})",
+            method=method,
+            url=url,
+        )
+    if isinstance(exc, httpx.UnsupportedProtocol | httpx.LocalProtocolError):
+        return _permanent(method, url, exc)
+    return None
 
 
 async def send(
@@ -98,11 +118,13 @@ async def send(
     attempt_timeout: float,
     also_retry: Collection[int] = (),
     hand_back_last: bool = False,
+    trust: str = "the client's trusted roots",
 ) -> httpx.Response:
     """Send one request with retries; the body is sent again on every attempt.
 
     ``also_retry`` adds statuses to retry (401/403 for runner-registration), and ``hand_back_last``
-    returns the last response instead of raising when attempts run out.
+    returns the last response instead of raising when attempts run out. ``trust`` names the roots
+    ``http`` verifies certificates against, for the message of a :class:`TLSVerificationError`.
     """
     last_response: httpx.Response | None = None
     last_error: Exception | None = None
@@ -114,13 +136,14 @@ async def send(
             async with asyncio.timeout(attempt_timeout):
                 response = await http.send(request)
         except (httpx.TransportError, TimeoutError) as exc:
-            if not _is_retryable_error(exc):
-                raise _transport_error(method, url, exc) from exc
+            permanent = _permanent_error(method, url, exc, trust)
+            if permanent is not None:
+                raise permanent from exc
             last_response, last_error = None, exc
             outcome = _error_text(exc)
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             # Too many redirects, undecodable content, a malformed URL: retrying cannot help.
-            raise _transport_error(method, url, exc) from exc
+            raise _permanent(method, url, exc) from exc
         else:
             status = response.status_code
             if not (is_retryable_status(status) or status in also_retry):
@@ -172,8 +195,10 @@ def _exhausted(
     return exc
 
 
-def _transport_error(method: str, url: str, exc: Exception) -> TransportError:
-    return TransportError(f"{describe(method, url)}: {_error_text(exc)}", method=method, url=url)
+def _permanent(method: str, url: str, exc: Exception) -> PermanentTransportError:
+    return PermanentTransportError(
+        f"{describe(method, url)}: {_error_text(exc)}", method=method, url=url
+    )
 
 
 def _error_text(exc: Exception) -> str:

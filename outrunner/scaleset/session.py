@@ -1,9 +1,13 @@
-"""The message session of a scale set: long-poll, acknowledge, acquire (§3.13-§4 of the protocol).
+"""The message session of a scale set: long-poll, acknowledge, acquire (``docs/protocol.md``
+§3.13-§4).
 
 Session create/refresh/delete and acquirejobs are Actions-service requests (admin token refreshed
 first, ``api-version`` added); acquirejobs authenticates with the *message-queue* token. The queue
 GET and DELETE go to the session's ``messageQueueUrl`` with the queue token only. A 401 from any of
 the three queue calls refreshes the session (PATCH) and retries once.
+
+Every request goes through the :class:`~outrunner.scaleset._transport.Transport` of the client
+that opened the session, so it carries the client's User-Agent, retries and admin token.
 """
 
 from __future__ import annotations
@@ -12,11 +16,12 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Self, TypeVar
+from typing import Self, TypeVar
 
 import httpx
 
 from outrunner.scaleset import _json
+from outrunner.scaleset._transport import Transport
 from outrunner.scaleset.errors import (
     MessageQueueTokenExpiredError,
     ScaleSetError,
@@ -24,16 +29,12 @@ from outrunner.scaleset.errors import (
     status_line,
 )
 from outrunner.scaleset.types import RunnerScaleSetMessage, RunnerScaleSetSession
-from outrunner.scaleset.urls import API_VERSION, append_path, with_query
-
-if TYPE_CHECKING:
-    from outrunner.scaleset.client import Client
+from outrunner.scaleset.urls import API_VERSION, SCALE_SETS, append_path, with_query
 
 _log = logging.getLogger("outrunner.scaleset.session")
 _T = TypeVar("_T")
 
 MAX_CAPACITY_HEADER = "X-ScaleSetMaxCapacity"
-_SCALE_SETS = "_apis/runtime/runnerscalesets"
 
 
 def _unexpected(response: httpx.Response, *, token_expired: bool = False) -> ScaleSetError:
@@ -47,25 +48,30 @@ def _unexpected(response: httpx.Response, *, token_expired: bool = False) -> Sca
 
 
 class MessageSession:
-    """An open message session. Use :meth:`create` (or ``Client.create_message_session``).
+    """An open message session. Open one with ``Client.create_message_session``.
 
     As an async context manager it deletes the session on exit, logging (not raising) a failure;
     call :meth:`delete` to see the error instead.
     """
 
-    def __init__(self, client: Client, scale_set_id: int, session: RunnerScaleSetSession) -> None:
-        self._client = client
+    def __init__(
+        self, transport: Transport, scale_set_id: int, session: RunnerScaleSetSession
+    ) -> None:
+        self._transport = transport
         self._scale_set_id = scale_set_id
         self._session = session
         self._refresh_lock = asyncio.Lock()
         self._deleted = False
 
     @classmethod
-    async def create(cls, client: Client, scale_set_id: int, owner: str) -> MessageSession:
-        """POST a new session (200); a live session elsewhere raises ``SessionConflictError``."""
-        response = await client._actions_request(
+    async def create(cls, transport: Transport, scale_set_id: int, owner: str) -> MessageSession:
+        """POST a new session (200); a live session elsewhere raises ``SessionConflictError``.
+
+        ``transport`` is the client's; ``Client.create_message_session`` passes it.
+        """
+        response = await transport.actions_request(
             "POST",
-            f"{_SCALE_SETS}/{scale_set_id}/sessions",
+            f"{SCALE_SETS}/{scale_set_id}/sessions",
             content=_json.dumps(_json.render_new_session(owner)),
         )
         if response.status_code != 200:
@@ -75,7 +81,7 @@ class MessageSession:
             "Created message session",
             extra={"attrs": {"scale_set_id": scale_set_id, "session_id": session.session_id}},
         )
-        return cls(client, scale_set_id, session)
+        return cls(transport, scale_set_id, session)
 
     async def __aenter__(self) -> Self:
         return self
@@ -100,7 +106,7 @@ class MessageSession:
         return f"MessageSession(scale_set_id={self._scale_set_id}, session={self._session!r})"
 
     def _session_path(self) -> str:
-        return f"{_SCALE_SETS}/{self._scale_set_id}/sessions/{self._session.session_id}"
+        return f"{SCALE_SETS}/{self._scale_set_id}/sessions/{self._session.session_id}"
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -110,7 +116,7 @@ class MessageSession:
             return await self._refresh_locked()
 
     async def _refresh_locked(self) -> RunnerScaleSetSession:
-        response = await self._client._actions_request("PATCH", self._session_path())
+        response = await self._transport.actions_request("PATCH", self._session_path())
         if response.status_code != 200:
             raise _unexpected(response)
         self._session = _json.parse_response(response, _json.parse_session, "message session")
@@ -120,7 +126,7 @@ class MessageSession:
         """DELETE the session (204); raises on failure. Idempotent once it succeeded."""
         if self._deleted:
             return
-        response = await self._client._actions_request("DELETE", self._session_path())
+        response = await self._transport.actions_request("DELETE", self._session_path())
         if response.status_code != 204:
             raise _unexpected(response)
         self._deleted = True
@@ -170,7 +176,7 @@ class MessageSession:
             "Authorization": f"Bearer {session.message_queue_access_token}",
             MAX_CAPACITY_HEADER: str(max_capacity),
         }
-        response = await self._client._send("GET", url, headers=headers)
+        response = await self._transport.send("GET", url, headers=headers)
         if response.status_code == 202:
             return None
         if response.status_code == 200:
@@ -185,16 +191,16 @@ class MessageSession:
             "Authorization": f"Bearer {session.message_queue_access_token}",
         }
         url = append_path(session.message_queue_url, str(message_id))
-        response = await self._client._send("DELETE", url, headers=headers)
+        response = await self._transport.send("DELETE", url, headers=headers)
         if response.status_code != 204:
             raise _unexpected(response, token_expired=response.status_code == 401)
 
     async def _acquire_jobs(
         self, session: RunnerScaleSetSession, request_ids: Sequence[int]
     ) -> list[int]:
-        response = await self._client._actions_request(
+        response = await self._transport.actions_request(
             "POST",
-            f"{_SCALE_SETS}/{self._scale_set_id}/acquirejobs",
+            f"{SCALE_SETS}/{self._scale_set_id}/acquirejobs",
             content=_json.dumps(list(request_ids)),
             bearer=session.message_queue_access_token,
         )

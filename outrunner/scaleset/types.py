@@ -1,4 +1,4 @@
-"""Typed shapes of the scale set API's JSON (protocol reference §3.2, §4.2, §4.3).
+"""Typed shapes of the scale set API's JSON (``docs/protocol.md`` §3.2, §4.2, §4.3).
 
 Field names are the snake_case form of the JSON keys; the JSON key is noted where the mapping is not
 mechanical. Parsing from and rendering to JSON lives in ``outrunner.scaleset._json``.
@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 DEFAULT_RUNNER_GROUP = "default"
+DEFAULT_RUNNER_GROUP_ID = 1
+"""The id of the default runner group, under whatever name an organization gave it; both Go
+references use it without asking (docs/protocol.md §3.8)."""
 NIL_SESSION_ID = "00000000-0000-0000-0000-000000000000"
 
 

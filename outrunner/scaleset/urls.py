@@ -1,4 +1,4 @@
-"""Config URL parsing and URL building (protocol reference §1 and §3.1).
+"""Config URL parsing and URL building (``docs/protocol.md`` §1 and §3.1).
 
 The config URL (``https://github.com/org/repo``) names the registration target; from it come the
 scope, the GitHub REST API base and the registration-token path. The Actions service URLs are built
@@ -16,6 +16,10 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 from outrunner.scaleset.errors import InvalidConfigURLError, go_quote
 
 API_VERSION = "6.0-preview"
+# Actions-service routes, relative to the base URL from runner-registration (docs/protocol.md §3).
+SCALE_SETS = "_apis/runtime/runnerscalesets"
+RUNNERS = "_apis/distributedtask/pools/0/agents"
+RUNNER_GROUPS = "_apis/runtime/runnergroups/"  # the trailing slash is part of the route
 FORCE_GHES_ENV = "GITHUB_ACTIONS_FORCE_GHES"
 _INVALID_CONFIG_URL = "invalid config URL, should point to an enterprise, org, or repository"
 _HOSTED_HOSTS = frozenset({"github.com", "www.github.com", "github.localhost"})

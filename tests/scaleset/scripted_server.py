@@ -9,10 +9,15 @@ from __future__ import annotations
 import base64
 import json
 import re
+import shutil
+import socket
+import ssl
+import subprocess
 import threading
 from collections import deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -64,14 +69,50 @@ class _Route:
     repeat_last: bool
 
 
+class _TLSServer(ThreadingHTTPServer):
+    """HTTPS: the handshake runs in the connection's own thread, so a client that rejects the
+    certificate (or never finishes) cannot stall the accept loop."""
+
+    def __init__(self, address: tuple[str, int], handler: Any, tls: ssl.SSLContext) -> None:
+        super().__init__(address, handler)
+        self.tls = tls
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        assert isinstance(request, socket.socket)
+        try:
+            request = self.tls.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError):
+            return  # the client refused the certificate
+        super().finish_request(request, client_address)
+
+
 class ScriptedServer:
-    def __init__(self) -> None:
+    """``tls``: serve HTTPS with this server-side context (the URL becomes ``https://``)."""
+
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self._routes: list[_Route] = []
         self._lock = threading.Lock()
         self.requests: list[Recorded] = []
         self.stopping = threading.Event()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
+        handler = _make_handler(self)
+        self._httpd: ThreadingHTTPServer = (
+            ThreadingHTTPServer(("127.0.0.1", 0), handler)
+            if tls is None
+            else _TLSServer(("127.0.0.1", 0), handler, tls)
+        )
         self._httpd.daemon_threads = True
+        self.connections = 0
+        """TCP connections accepted: counts attempts even when no request arrived (TLS)."""
+        process_request = self._httpd.process_request
+
+        def counting(request: Any, client_address: Any) -> None:
+            # Runs in the accept loop before the handshake starts, so by the time a client has
+            # seen the certificate its connection is counted.
+            with self._lock:
+                self.connections += 1
+            process_request(request, client_address)
+
+        self._httpd.process_request = counting  # type: ignore[method-assign]
         # A short poll interval keeps shutdown (once per test) quick.
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
@@ -80,7 +121,8 @@ class ScriptedServer:
     @property
     def url(self) -> str:
         host, port = self._httpd.server_address[:2]
-        return f"http://{host!s}:{port}"
+        scheme = "https" if isinstance(self._httpd, _TLSServer) else "http"
+        return f"{scheme}://{host!s}:{port}"
 
     def __enter__(self) -> ScriptedServer:
         self._thread.start()
@@ -179,3 +221,50 @@ def make_jwt(claims: dict[str, Any], header: dict[str, Any] | None = None) -> st
     return ".".join(
         [segment(header or {"alg": "RS256", "typ": "JWT"}), segment(claims), "c2lnbmF0dXJl"]
     )
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """A self-signed certificate for 127.0.0.1 (its own CA) and its private key, as PEM files."""
+
+    cert: Path
+    key: Path
+
+    def server_context(self) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.cert, self.key)
+        return context
+
+
+def self_signed_certificate(directory: Path, name: str = "server") -> Certificate:
+    """Make a certificate with the ``openssl`` command (no Python crypto package is needed)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise RuntimeError("the TLS tests need the openssl command (apt-get install openssl)")
+    cert, key = directory / f"{name}.pem", directory / f"{name}.key"
+    subprocess.run(
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "2",
+            "-subj",
+            f"/CN=outrunner test {name}",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    return Certificate(cert, key)

@@ -1,4 +1,4 @@
-"""The admin-token exchange, JWT expiry reading and refresh rules (§2)."""
+"""The admin-token exchange, JWT expiry reading and refresh rules (docs/protocol.md §2)."""
 
 from __future__ import annotations
 
@@ -177,10 +177,10 @@ async def test_failed_refresh_keeps_old_token_and_fails_the_call(
     server.on("POST", REG_TOKEN_PATH, Reply(500, "boom"), repeat_last=True)
     server.on("GET", GROUPS, Reply(200, ONE_GROUP), repeat_last=True)
     await client.get_runner_group_by_name("default")
-    before = client._admin.current
+    before = client._transport.admin.current
     with pytest.raises(RetryExhaustedError, match="giving up after 5 attempt"):
         await client.get_runner_group_by_name("default")
-    assert client._admin.current is before
+    assert client._transport.admin.current is before
     assert before is not None
     assert before.token == old
     assert len(server.made("GET", GROUPS)) == 1  # the triggering request was not sent

@@ -1,4 +1,5 @@
-"""Every Client endpoint: method, path, query, headers, body and accepted status (§3)."""
+"""Every Client endpoint: method, path, query, headers, body and accepted status
+(docs/protocol.md §3)."""
 
 from __future__ import annotations
 
@@ -167,8 +168,10 @@ async def test_get_runner_group_by_name(server: ScriptedServer, client: Client) 
     request = server.made("GET", GROUPS)[0]
     assert request.path.endswith("/runnergroups/")
     assert request.query == "api-version=6.0-preview&groupName=my+group"
-    with pytest.raises(NameLookupError, match='no runner group found with name "my group"'):
+    with pytest.raises(NameLookupError, match='no runner group found with name "my group"') as err:
         await client.get_runner_group_by_name("my group")
+    # The request URL is the Actions service's; the config URL says which organization it is.
+    assert str(err.value).endswith(f' "my group" at {server.url}/org/repo')
     with pytest.raises(NameLookupError, match='multiple runner group found with name "my group"'):
         await client.get_runner_group_by_name("my group")
 

@@ -1,4 +1,4 @@
-"""Turning error responses into exceptions, with §5's text (over real HTTP)."""
+"""Turning error responses into exceptions, with the text of docs/protocol.md §5 (over HTTP)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Reading and writing the API's JSON like the Go client (§3.1, §3.2, §4.2, §4.3)."""
+"""Reading and writing the API's JSON like the Go client (docs/protocol.md §3.1-§4.3)."""
 
 from __future__ import annotations
 

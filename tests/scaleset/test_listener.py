@@ -1,4 +1,5 @@
-"""The listener loop of §7, driven by a fake message source and a recording scaler."""
+"""The listener loop of docs/protocol.md §7, driven by a fake message source and a recording
+scaler."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Retry rules of §6, observed over a real socket with a recording sleep."""
+"""Retry rules of docs/protocol.md §6, observed over a real socket with a recording sleep."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import pytest
 from outrunner.scaleset import (
     Client,
     JitRunnerSetting,
+    PermanentTransportError,
     PersonalAccessToken,
     RetryExhaustedError,
     RetryPolicy,
     StatusError,
-    TransportError,
 )
 from tests.scaleset.conftest import TENANT, RecordingSleep
 from tests.scaleset.scripted_server import Reply, ScriptedServer
@@ -109,7 +109,20 @@ async def test_not_retried(
     with pytest.raises(StatusError) as caught:
         await client.get_runner(7)
     assert caught.value.status == status
-    assert len(server.made("GET", RUNNER)) == 1
+    # A 401 refreshes the admin token and tries once more (the token may have been revoked);
+    # that is not a retry of the retry policy: no wait.
+    assert len(server.made("GET", RUNNER)) == (2 if status == 401 else 1)
+    assert sleeps.waits == []
+
+
+async def test_a_refused_admin_token_is_refreshed_once_and_the_request_succeeds(
+    server: ScriptedServer, client: Client, sleeps: RecordingSleep
+) -> None:
+    server.on("GET", RUNNER, Reply(401, {"message": "token revoked"}), OK_RUNNER)
+    assert (await client.get_runner(7)).id == 7
+    assert len(server.made("GET", RUNNER)) == 2
+    # The token exchange ran again between the two: registration token, then runner-registration.
+    assert len(server.made("POST")) == 4
     assert sleeps.waits == []
 
 
@@ -185,8 +198,29 @@ async def test_cancellation_stops_retrying(server: ScriptedServer) -> None:
 
 async def test_unsupported_scheme_is_not_retried(sleeps: RecordingSleep) -> None:
     async with Client("ftp://example.invalid/org", _pat(), retry=RetryPolicy(sleep=sleeps)) as c:
-        with pytest.raises(TransportError, match="UnsupportedProtocol"):
+        with pytest.raises(PermanentTransportError, match="UnsupportedProtocol"):
             await c.get_runner(7)
+    assert sleeps.waits == []
+
+
+async def test_redirect_loop_is_not_retried(
+    server: ScriptedServer, client: Client, sleeps: RecordingSleep
+) -> None:
+    server.on("GET", RUNNER, Reply(302, headers={"Location": RUNNER}), repeat_last=True)
+    with pytest.raises(PermanentTransportError, match="TooManyRedirects") as caught:
+        await client.get_runner(7)
+    assert str(caught.value).startswith(f"request GET {server.url}{RUNNER}?api-version=")
+    assert len(server.made("GET", RUNNER)) == 11  # the request and 10 redirects, once
+    assert sleeps.waits == []
+
+
+async def test_redirect_to_another_scheme_is_not_retried(
+    server: ScriptedServer, client: Client, sleeps: RecordingSleep
+) -> None:
+    server.on("GET", RUNNER, Reply(301, headers={"Location": "ftp://127.0.0.1:1/x"}))
+    with pytest.raises(PermanentTransportError, match="UnsupportedProtocol"):
+        await client.get_runner(7)
+    assert len(server.made("GET", RUNNER)) == 1
     assert sleeps.waits == []
 
 

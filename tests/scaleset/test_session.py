@@ -1,4 +1,5 @@
-"""Message sessions and the queue: create/refresh/delete, poll, ack, acquire (§3.13-§4)."""
+"""Message sessions and the queue: create/refresh/delete, poll, ack, acquire
+(docs/protocol.md §3.13-§4)."""
 
 from __future__ import annotations
 
@@ -82,7 +83,7 @@ async def test_create_conflict(server: ScriptedServer, client: Client, authed: s
     body = {"typeName": type_name, "message": text}
     server.on("POST", SESSIONS, Reply(409, body), repeat_last=True)
     with pytest.raises(SessionConflictError) as caught:
-        await MessageSession.create(client, 5, "host-1")
+        await client.create_message_session(5, "host-1")
     assert "unexpected status code 409 Conflict: GitHub.Actions" in str(caught.value)
     assert len(server.made("POST", SESSIONS)) == 1  # not retried
 

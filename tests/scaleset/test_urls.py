@@ -1,4 +1,4 @@
-"""Config URL parsing, API base selection and Actions URL building (§1, §3.1)."""
+"""Config URL parsing, API base selection and Actions URL building (docs/protocol.md §1, §3.1)."""
 
 from __future__ import annotations
 

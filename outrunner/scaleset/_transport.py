@@ -1,0 +1,238 @@
+"""The HTTP side of the scale set client, shared by :class:`.Client` and :class:`.MessageSession`.
+
+A :class:`Transport` owns what every request of one client needs: the httpx connection pool (TLS,
+proxy, timeouts), the retry policy (``docs/protocol.md`` §6), the admin-token cache (§2) and the
+User-Agent (§3.1). ``Client`` builds its endpoints on it and hands it to the message sessions it
+opens, so neither module needs the other's internals, and the session's requests get the same
+headers, retries and token refresh as the client's.
+
+TLS: by default certificates are verified against the operating system's trust store through
+``truststore`` (as pip does), which is where an administrator installs a private CA and what the
+Go client uses; httpx's own default would be certifi's bundle. A CA file *replaces* those roots,
+like the Go client's ``WithRootCAs``.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import re
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import httpx
+import truststore
+
+from outrunner.scaleset import retry
+from outrunner.scaleset.auth import (
+    AdminConnection,
+    AdminTokenCache,
+    Credentials,
+    fetch_admin_connection,
+    fetch_registration_token,
+)
+from outrunner.scaleset.errors import ScaleSetError, go_quote
+from outrunner.scaleset.retry import RetryPolicy
+from outrunner.scaleset.urls import GitHubConfig, actions_url
+
+_log = logging.getLogger("outrunner.scaleset.client")
+
+DEFAULT_TIMEOUT = 300.0
+"""Seconds one attempt may take, reading included: the Go client's 5 min, well above the ~50 s
+long poll of the message queue (``docs/protocol.md`` §4.1)."""
+CONNECT_TIMEOUT = 30.0
+"""Seconds to establish a connection (TCP and TLS) within an attempt, like Go's dialer: an
+unreachable host must not hold a shutdown for the whole attempt timeout."""
+MAX_REDIRECTS = 10  # like Go's http.Client; more is a redirect loop, and is not retried
+
+SYSTEM_TRUST_STORE = "the system trust store"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SystemInfo:
+    """Who is calling; sent in the User-Agent JSON. Update ``scale_set_id`` once it is known."""
+
+    system: str = ""
+    version: str = ""
+    commit_sha: str = ""
+    scale_set_id: int = 0
+    subsystem: str = ""
+
+
+def _build_info() -> tuple[str, str]:
+    """The installed outrunner version, and a commit when the version carries one (``+g<sha>``)."""
+    try:
+        version = importlib.metadata.version("outrunner")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown", "unknown"
+    commit = re.search(r"(?:^|[+.])g([0-9a-f]{7,40})(?:$|\.)", version.partition("+")[2])
+    return version, commit.group(1) if commit else version
+
+
+_BUILD_VERSION, _BUILD_COMMIT = _build_info()
+
+
+def user_agent(info: SystemInfo) -> str:
+    """The one-line User-Agent JSON, keys in the Go client's order (``docs/protocol.md`` §3.1)."""
+    return json.dumps(
+        {
+            "system": info.system,
+            "version": info.version,
+            "commit_sha": info.commit_sha,
+            "scale_set_id": info.scale_set_id,
+            "subsystem": info.subsystem,
+            "build_version": _BUILD_VERSION,
+            "build_commit_sha": _BUILD_COMMIT,
+            "kind": "scaleset",
+        },
+        separators=(",", ":"),
+    )
+
+
+def tls_context(verify: bool | str | ssl.SSLContext) -> tuple[ssl.SSLContext | bool, str]:
+    """The SSL context for a ``verify`` setting, and how error messages name its roots.
+
+    ``True``: the system trust store. A ``str``: that CA bundle (PEM) only; raises
+    :class:`ScaleSetError` when it cannot be loaded. An ``SSLContext``: used as given.
+    ``False``: no verification.
+    """
+    if verify is True:
+        return truststore.SSLContext(ssl.PROTOCOL_TLS_CLIENT), SYSTEM_TRUST_STORE
+    if verify is False:
+        return False, "none (verification is off)"
+    if isinstance(verify, str):
+        try:
+            # cafile given: the default certificates are not loaded, so the file replaces them.
+            context = ssl.create_default_context(cafile=verify)
+        except (OSError, ssl.SSLError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise ScaleSetError(f"cannot load CA file {go_quote(verify)}: {reason}") from exc
+        return context, f"CA file {verify}"
+    return verify, "the SSL context the client was given"
+
+
+class Transport:
+    """Sends the requests of one client: User-Agent, retries, timeouts, TLS, admin token.
+
+    Creating it makes no network call. See :class:`.Client` for the parameters.
+    """
+
+    def __init__(
+        self,
+        config: GitHubConfig,
+        credentials: Credentials,
+        *,
+        system_info: SystemInfo,
+        retry: RetryPolicy,
+        timeout: float,
+        proxy: str | None,
+        verify: bool | str | ssl.SSLContext,
+        transport: httpx.AsyncBaseTransport | None,
+    ) -> None:
+        self.config = config
+        self._credentials = credentials
+        self._retry = retry
+        self._timeout = timeout
+        self._system_info = system_info
+        self._user_agent = user_agent(system_info)
+        context, self._trust = tls_context(verify)
+        self._http = httpx.AsyncClient(
+            proxy=proxy,  # None: HTTP(S)_PROXY, ALL_PROXY and NO_PROXY from the environment
+            verify=context,
+            transport=transport,
+            timeout=httpx.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT)),
+            follow_redirects=True,  # like Go's http.Client, which the Go library uses
+            max_redirects=MAX_REDIRECTS,
+        )
+        self.admin = AdminTokenCache(self._fetch_admin_connection)
+        """The admin token and Actions service URL, refreshed when fewer than 60 s remain."""
+
+    @property
+    def system_info(self) -> SystemInfo:
+        return self._system_info
+
+    @system_info.setter
+    def system_info(self, info: SystemInfo) -> None:
+        self._system_info = info
+        self._user_agent = user_agent(info)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def send(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: Mapping[str, str],
+        content: bytes | None = None,
+        retry_auth_failures: bool = False,
+    ) -> httpx.Response:
+        """Every request of the package goes through here: User-Agent, retries, attempt timeout.
+
+        ``retry_auth_failures`` is the runner-registration policy: 401 and 403 are retried too,
+        and the last response is handed back when attempts run out (``docs/protocol.md`` §2.3).
+        """
+        return await retry.send(
+            self._http,
+            self._retry,
+            method,
+            url,
+            headers={**headers, "User-Agent": self._user_agent},
+            content=content,
+            attempt_timeout=self._timeout,
+            also_retry=(401, 403) if retry_auth_failures else (),
+            hand_back_last=retry_auth_failures,
+            trust=self._trust,
+        )
+
+    async def actions_request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        content: bytes | None = None,
+        bearer: str | None = None,
+    ) -> httpx.Response:
+        """An Actions-service request: admin token refreshed first, ``api-version`` in the query.
+
+        ``bearer`` replaces the admin token (acquirejobs sends the message-queue token).
+        """
+        admin = await self.admin.get()
+        response = await self._actions_send(method, path, params, content, bearer, admin)
+        if response.status_code == 401 and bearer is None:
+            # The service refused an admin token that had not expired (revoked, or the PAT
+            # behind it was): fetch a new one and try once more. Unlike the Go client, which
+            # keeps sending the refused token until it nears expiry; a revoked PAT then fails
+            # at the token exchange, which is what tells a permanent failure (docs/protocol.md
+            # §2.5).
+            self.admin.invalidate(admin.token)
+            admin = await self.admin.get()
+            response = await self._actions_send(method, path, params, content, bearer, admin)
+        return response
+
+    async def _actions_send(
+        self,
+        method: str,
+        path: str,
+        params: Mapping[str, str] | None,
+        content: bytes | None,
+        bearer: str | None,
+        admin: AdminConnection,
+    ) -> httpx.Response:
+        headers = {
+            "Content-Type": "application/json",  # on every method, GET and DELETE included
+            "Authorization": f"Bearer {bearer if bearer is not None else admin.token}",
+        }
+        url = actions_url(admin.url, path, params)
+        return await self.send(method, url, headers=headers, content=content)
+
+    async def _fetch_admin_connection(self) -> AdminConnection:
+        _log.info("Refreshing admin token", extra={"attrs": {"config_url": self.config.config_url}})
+        registration_token = await fetch_registration_token(
+            self.send, self.config, self._credentials
+        )
+        return await fetch_admin_connection(self.send, self.config, registration_token)
