@@ -38,6 +38,7 @@ from enum import Enum, auto
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from outrunner._aio import backoff, cancel_and_wait
+from outrunner.failures import Failure, classify
 from outrunner.journal import JournalEntry, JournalPhase
 from outrunner.log import BoundLogger, get_logger, register_secret, unregister_secret
 from outrunner.provisioner import EnvironmentMonitor, ExitWatcher, Provisioner, RunnerRequest
@@ -451,7 +452,12 @@ class Scaler:
                 if state.phase is RunnerPhase.RUNNING:
                     continue  # it took a job while waiting: the drain leaves it alone
                 state.release_tried = True
-                if await self._release(state):
+                # The environment may end while GitHub is slow to answer the release.
+                release = asyncio.ensure_future(self._release(state))
+                if await _first_of(watch, release) == 0:
+                    await cancel_and_wait(release)
+                    return False
+                if release.result():
                     return True
         finally:
             await cancel_and_wait(watch)
@@ -688,6 +694,8 @@ class Scaler:
                 # runner is gone (minutes). The journal keeps it; the next start removes it.
                 self._log.info("GitHub still sees a job on a stopped runner", name=name)
                 return
+            if outcome is _Removal.REFUSED and self._forced.is_set():
+                return  # the credentials are refused: retrying cannot help; the journal keeps it
             quiet = True  # one warning per runner; the retries are at debug
             delay = next(delays)
             if self._forced.is_set():  # shutting down: a last few prompt attempts
@@ -726,7 +734,7 @@ class Scaler:
                 runner_id=runner_id,
                 error=str(exc),
             )
-            return _Removal.FAILED
+            return _Removal.REFUSED if classify(exc) is Failure.PERMANENT else _Removal.FAILED
         self._log.debug("Runner deregistered", name=name, runner_id=runner_id)
         return _Removal.DONE
 
@@ -782,6 +790,8 @@ class _Removal(Enum):
     """Removed, or GitHub had already removed it."""
     BUSY = auto()
     """GitHub says it is running a job (409 JobStillRunning)."""
+    REFUSED = auto()
+    """Failed in a way waiting will not fix (the credentials are refused)."""
     FAILED = auto()
 
 

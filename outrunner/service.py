@@ -1,9 +1,9 @@
 """Service: a whole Config as running workers (what gha-outrunner's main.go does, as a library).
 
-For every runner entry it resolves the URL and token (runner's own first), shares one scale set
-client per distinct (URL, token), builds the entry's provisioner and runs a ScaleSetWorker. The
-Service owns what it creates (the runner journal, clients, provisioners, worker tasks) through one
-exit stack, released in reverse order.
+For every runner entry it resolves the URL, token and CA file (runner's own first), shares one
+scale set client per distinct (URL, token, CA file), builds the entry's provisioner and runs a
+ScaleSetWorker. The Service owns what it creates (the runner journal, clients, provisioners,
+worker tasks) through one exit stack, released in reverse order.
 
 :meth:`Service.run` returns once the Service has stopped:
 
@@ -25,12 +25,14 @@ import uuid
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from typing import Protocol
 
 from outrunner._version import __version__
 from outrunner.config import (
     Config,
     ConfigError,
     RunnerConfig,
+    resolve_runner_ca_file,
     resolve_runner_token,
     resolve_runner_url,
 )
@@ -52,7 +54,15 @@ __all__ = [
 ]
 
 ProvisionerFactory = Callable[[RunnerConfig], Provisioner]
-ClientFactory = Callable[[str, str], Client]
+
+
+class ClientFactory(Protocol):
+    """Builds the scale set client for a URL and token. ``ca_file`` (a PEM CA bundle that
+    replaces the system trust store) is passed only when the runner entry resolves one, so a
+    factory taking just ``(url, token)`` works for configs without ``ca_file``."""
+
+    def __call__(self, url: str, token: str, /, *, ca_file: str = "") -> Client: ...
+
 
 DEFAULT_MAX_RUNNERS = 2
 
@@ -82,9 +92,10 @@ def default_provisioner(runner: RunnerConfig) -> Provisioner:
     raise ConfigError(f"runners.{runner.name}: the {kind} backend is not available in this build")
 
 
-def _default_client(url: str, token: str) -> Client:
+def _default_client(url: str, token: str, /, *, ca_file: str = "") -> Client:
     info = SystemInfo(system="outrunner", version=__version__, subsystem="outrunner")
-    return Client(url, PersonalAccessToken(token), system_info=info)
+    # No ca_file: the system trust store.
+    return Client(url, PersonalAccessToken(token), system_info=info, verify=ca_file or True)
 
 
 def _owner() -> str:
@@ -97,6 +108,8 @@ class _Plan:
     url: str
     token: str
     max_runners: int
+    ca_file: str
+    """The PEM CA bundle the client trusts; ``""``: the system trust store."""
 
 
 @dataclass(frozen=True)
@@ -165,6 +178,8 @@ class Service:
         self._drain_deadline: float | None = None
         self._workers_created = asyncio.Event()
         self.workers: list[ScaleSetWorker] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        """Worker tasks, in the order of ``workers``."""
         self.journal: Journal | None = None
         """The runner journal while :meth:`run` runs (None without one)."""
 
@@ -177,6 +192,7 @@ class Service:
             url=resolve_runner_url(self._url, self._config, runner),
             token=resolved_token,
             max_runners=runner.max_runners or self._max_runners,
+            ca_file=resolve_runner_ca_file(self._config, runner),
         )
 
     def stop(self, *, drain: bool = True) -> None:
@@ -219,7 +235,7 @@ class Service:
         await asyncio.gather(*(worker.ready.wait() for worker in self.workers))
 
     async def run(self) -> None:
-        tasks: list[asyncio.Task[None]] = []
+        tasks: list[asyncio.Task[None]] = self._tasks
         async with AsyncExitStack() as stack:
             plans = [self._plan(runner) for runner in self._config.runners.values()]
             if self._use_journal:
@@ -232,18 +248,23 @@ class Service:
                 provisioner = self._provisioner_factory(plan.runner)
                 provisioners.append(provisioner)
                 stack.push_async_callback(provisioner.close)
-            clients: dict[tuple[str, str], Client] = {}
+            clients: dict[tuple[str, str, str], Client] = {}
             for plan in plans:
-                key = (plan.url, plan.token)
+                key = (plan.url, plan.token, plan.ca_file)
                 if key not in clients:
-                    clients[key] = self._client_factory(plan.url, plan.token)
+                    extra = {"ca_file": plan.ca_file} if plan.ca_file else {}
+                    clients[key] = self._client_factory(plan.url, plan.token, **extra)
                     stack.push_async_callback(clients[key].aclose)
-                    self._log.info("Created scaleset client", url=plan.url)
+                    self._log.info(
+                        "Created scaleset client",
+                        url=plan.url,
+                        ca_file=plan.ca_file or "(system trust store)",
+                    )
             # Released first: every worker stops its runners before provisioners and clients go.
             stack.push_async_callback(self._stop_workers, tasks)
             for plan, provisioner in zip(plans, provisioners, strict=True):
                 worker = ScaleSetWorker(
-                    clients[(plan.url, plan.token)],
+                    clients[(plan.url, plan.token, plan.ca_file)],
                     plan.runner,
                     max_runners=plan.max_runners,
                     provisioner=provisioner,
@@ -251,6 +272,7 @@ class Service:
                     logger=self._log.bind(scale_set=plan.runner.name),
                     shutdown_timeout=self._shutdown_timeout,
                     journal=self.journal,
+                    drain_timeout=self.drain_timeout,
                 )
                 self.workers.append(worker)
                 tasks.append(asyncio.create_task(worker.run(), name=f"worker:{worker.name}"))
@@ -259,17 +281,47 @@ class Service:
         self._log.info("Shut down cleanly")
 
     async def _supervise(self, tasks: list[asyncio.Task[None]]) -> None:
-        """Return when stopped (after the drain) or raise the first worker failure."""
+        """Return when stopped (after the drain); raise when a scale set failed.
+
+        A scale set that fails at start-up (before it first listened) ends the whole run, as a
+        config mistake should, after the others have drained. One that fails later stops alone
+        (it drains itself) while the others keep serving; once every scale set has stopped, the
+        first failure is raised.
+        """
+        running = set(tasks)
         stop = asyncio.ensure_future(self._stop.wait())
         try:
-            done, _ = await asyncio.wait([*tasks, stop], return_when=asyncio.FIRST_COMPLETED)
+            while running and not stop.done():
+                done, _ = await asyncio.wait([*running, stop], return_when=asyncio.FIRST_COMPLETED)
+                for task in running & done:
+                    running.discard(task)
+                    self._worker_ended(task)
         finally:
             stop.cancel()
-        failed = next((t for t in tasks if t in done and _failure(t) is not None), None)
+        if running and not self._force.is_set():
+            await self._drain(list(running))
+        failed = next((t for t in tasks if _failure(t) is not None), None)
         if failed is not None:
             raise _failure(failed)  # type: ignore[misc]
-        if not self._force.is_set():
-            await self._drain(tasks)
+
+    def _worker_ended(self, task: asyncio.Task[None]) -> None:
+        error = _failure(task)
+        worker = next(w for w, t in zip(self.workers, self._tasks, strict=True) if t is task)
+        if error is None:
+            return
+        if not worker.ready.is_set():
+            self._log.error(
+                "Scale set failed at start-up; stopping", scale_set=worker.name, error=str(error)
+            )
+            self.stop()
+            return
+        left = sum(not t.done() for t in self._tasks)
+        self._log.error(
+            "Scale set stopped; the others keep serving",
+            scale_set=worker.name,
+            error=str(error),
+            serving=left,
+        )
 
     async def _drain(self, tasks: list[asyncio.Task[None]]) -> None:
         loop = asyncio.get_running_loop()
@@ -283,7 +335,7 @@ class Service:
         for worker in self.workers:
             worker.drain()
         force = asyncio.ensure_future(self._force.wait())
-        drained = asyncio.ensure_future(asyncio.wait(tasks) if tasks else asyncio.sleep(0))
+        drained = asyncio.ensure_future(asyncio.wait(tasks))
         try:
             async with asyncio.timeout_at(self._drain_deadline):
                 await asyncio.wait([force, drained], return_when=asyncio.FIRST_COMPLETED)
@@ -295,9 +347,6 @@ class Service:
             drained.cancel()
         if self._force.is_set():
             self._log.warning("Stopping every runner now", busy=self.state().busy_runners)
-        failed = next((t for t in tasks if _failure(t) is not None), None)
-        if failed is not None:
-            raise _failure(failed)  # type: ignore[misc]
 
     async def _stop_workers(self, tasks: list[asyncio.Task[None]]) -> None:
         """Cancel every worker still running (each stops its runners, bounded) and wait."""
@@ -305,12 +354,6 @@ class Service:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks)
-        # run() raises the failure that ended it; other workers that failed are only logged.
-        failures = [t for t in tasks if _failure(t) is not None]
-        for task in failures[1:]:
-            self._log.error(
-                "Scale set worker failed", task=task.get_name(), error=str(_failure(task))
-            )
 
     def _open_journal(self) -> Journal:
         where = resolve_state_dir(self._state_dir, self._config.state_dir)

@@ -23,21 +23,19 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 from outrunner._aio import cancel_and_wait
-from outrunner.config import RunnerConfig
+from outrunner.config import DEFAULT_DRAIN_TIMEOUT, RunnerConfig
+from outrunner.failures import Failure, classify
 from outrunner.journal import JournalEntry, JournalPhase
 from outrunner.log import BoundLogger, get_logger
 from outrunner.provisioner import Adopter, OrphanCleaner, Provisioner
 from outrunner.runner import RunnerPhase, RunnerSnapshot
 from outrunner.scaler import RunnerJournal, Scaler, StartBackoff
-from outrunner.scaleset.errors import (
-    RetryExhaustedError,
-    SessionExpiredError,
-    StatusError,
-    TransportError,
-)
+from outrunner.scaleset.errors import SessionExpiredError, StatusError
 from outrunner.scaleset.listener import Listener
 from outrunner.scaleset.session import MessageSession
 from outrunner.scaleset.types import (
+    DEFAULT_RUNNER_GROUP,
+    DEFAULT_RUNNER_GROUP_ID,
     JitRunnerConfig,
     JitRunnerSetting,
     Label,
@@ -153,6 +151,7 @@ class ScaleSetWorker:
         healthy_after: float = 300.0,
         journal: JournalReader | None = None,
         scaler: Scaler | None = None,
+        drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
     ) -> None:
         self.runner = runner
         self.max_runners = max_runners
@@ -165,6 +164,8 @@ class ScaleSetWorker:
         self._sleep = sleep
         self._healthy_after = healthy_after
         self._journal = journal
+        self._drain_timeout = drain_timeout
+        self._traced: set[type[BaseException]] = set()
         self.scaler = scaler or Scaler(
             client,
             max_runners=max_runners,
@@ -217,10 +218,13 @@ class ScaleSetWorker:
     async def run(self) -> None:
         """Recover, set up the scale set, then listen until drained (returns) or cancelled.
 
-        Setup is retried with backoff while GitHub cannot be reached (every HTTP attempt failed
-        in a retryable way); any other setup error (bad credentials, an unknown runner group) is
-        raised, since waiting will not fix it. Whatever ends it, every runner still tracked is
-        stopped and deregistered (bounded by ``shutdown_timeout``) and the session deleted.
+        Transient failures (GitHub unreachable, a lost session) are retried with backoff
+        forever while every runner keeps running. A permanent one (see
+        :mod:`outrunner.failures`: bad credentials, an unknown runner group, a certificate that
+        does not verify) stops this scale set: it is logged with its cause, the scale set stops
+        taking work, its busy runners finish (up to ``drain_timeout``), and then it is raised.
+        Whatever ends it, every runner still tracked is stopped and deregistered (bounded by
+        ``shutdown_timeout``) and the session deleted.
         """
         serving: asyncio.Task[None] | None = None
         try:
@@ -232,12 +236,29 @@ class ScaleSetWorker:
             finally:
                 await cancel_and_wait(drained)
             if serving.done():
-                serving.result()  # it only ends by failing (a setup error waiting cannot fix)
+                # It only ends by failing in a way waiting cannot fix.
+                await self._stop_for_good(serving.exception() or RuntimeError("stopped"))
             self._log.info("Drained: every runner has finished")
         finally:
             # The session goes first, so GitHub assigns nothing more here while runners stop.
             await cancel_and_wait(serving)
             await self.scaler.shutdown(self._shutdown_timeout)
+
+    async def _stop_for_good(self, error: BaseException) -> None:
+        """A permanent failure: stop taking work, let busy runners finish, then raise it."""
+        self._log.error(
+            "Scale set stopped: an error that waiting will not fix",
+            error=str(error),
+            busy=self.scaler.busy_runners(),
+            exc_info=error,
+        )
+        self.drain()
+        try:
+            async with asyncio.timeout(self._drain_timeout):
+                await self.scaler.wait_empty()
+        except TimeoutError:
+            self._log.warning("Drain timed out; stopping the runners that are left")
+        raise error
 
     async def _set_up_and_serve(self) -> None:
         scale_set = await self._set_up()
@@ -327,14 +348,28 @@ class ScaleSetWorker:
         while True:
             try:
                 return await self._ensure_scale_set()
-            except (RetryExhaustedError, TransportError) as exc:
+            except Exception as exc:
+                if classify(exc) is Failure.PERMANENT:
+                    raise
                 failures += 1
                 delay = self._backoff.delay(failures)
-                self._log.error("GitHub unreachable during setup", error=str(exc), retry_in=delay)
+                self._log_retry("GitHub unreachable during setup", exc, retry_in=delay)
                 await self._sleep(delay)
 
+    def _log_retry(self, message: str, exc: Exception, **attrs: object) -> None:
+        """Log a failure that is retried; the first of each unknown kind with its traceback,
+        so a surprise can be reported rather than looping in silence."""
+        unknown = classify(exc) is Failure.UNKNOWN and type(exc) not in self._traced
+        if unknown:
+            self._traced.add(type(exc))
+        self._log.error(message, error=str(exc), exc_info=exc if unknown else None, **attrs)
+
     async def _ensure_scale_set(self) -> RunnerScaleSet:
-        group = await self._client.get_runner_group_by_name(self.runner.runner_group)
+        if self.runner.runner_group == DEFAULT_RUNNER_GROUP:
+            # Id 1 under whatever name the organization gave it, like both Go references.
+            group = RunnerGroup(id=DEFAULT_RUNNER_GROUP_ID, name=DEFAULT_RUNNER_GROUP)
+        else:
+            group = await self._client.get_runner_group_by_name(self.runner.runner_group)
         labels = tuple(Label(name=label, type="User") for label in self.runner.labels)
         self._log.info("Looking for scale set", runner_group=group.name)
         existing = await self._client.get_runner_scale_set(group.id, self.name)
@@ -396,15 +431,17 @@ class ScaleSetWorker:
                 except Exception as exc:
                     self._listener = None
                     self.session_open = False
+                    if classify(exc) is Failure.PERMANENT:
+                        raise
                     if listener is not None:
                         last_message_id = listener.last_message_id
                     if loop.time() - began >= self._healthy_after:
                         failures = 0  # a session that served for a while starts a fresh count
                     failures += 1
                     delay = self._backoff.delay(failures)
-                    self._log.error(
+                    self._log_retry(
                         "Listener failed, reconnecting; runners keep running",
-                        error=str(exc),
+                        exc,
                         retry_in=delay,
                         runners=len(self.scaler.runners()),
                         busy=self.scaler.busy_runners(),

@@ -142,6 +142,20 @@ async def test_runner_group_is_looked_up_by_name() -> None:
         assert gh.requests_to(Endpoint.CREATE_SCALE_SET)[0].json["runnerGroupId"] == group
 
 
+async def test_default_runner_group_is_id_1_without_a_lookup() -> None:
+    # Both Go references do the same, so an organization that renamed its default group works.
+    async with FakeGitHub(pat=TOKEN, long_poll_timeout=0.3) as gh:
+        config = Config(url=gh.config_url(), runners={"linux": runner(runner_group="default")})
+        service = Service(
+            config, token=TOKEN, provisioner_factory=memory_factory({}), client_factory=fast_client
+        )
+        async with running(service):
+            pass
+        assert gh.requests_to(Endpoint.GET_RUNNER_GROUP) == []
+        assert gh.requests_to(Endpoint.GET_SCALE_SET)[0].query["runnerGroupId"] == "1"
+        assert gh.requests_to(Endpoint.CREATE_SCALE_SET)[0].json["runnerGroupId"] == 1
+
+
 async def test_missing_runner_group_is_a_clear_error_and_leaks_nothing() -> None:
     async with FakeGitHub(pat=TOKEN, long_poll_timeout=0.3) as gh:
         provisioners: dict[str, InMemoryProvisioner] = {}
@@ -152,8 +166,9 @@ async def test_missing_runner_group_is_a_clear_error_and_leaks_nothing() -> None
             provisioner_factory=memory_factory(provisioners),
             client_factory=fast_client,
         )
-        with pytest.raises(NameLookupError, match='no runner group found with name "nope"'):
+        with pytest.raises(NameLookupError, match='no runner group found with name "nope"') as err:
             await service.run()
+        assert gh.config_url() in str(err.value)
         assert provisioners["linux"].closed
         assert gh.scale_sets() == []
         assert gh.sessions() == []
@@ -317,7 +332,7 @@ async def test_serve_stops_cleanly_on_sigterm() -> None:
 async def test_setup_waits_out_an_unreachable_github_instead_of_failing() -> None:
     async with FakeGitHub(pat=TOKEN, long_poll_timeout=0.3) as gh:
         # Every attempt of the first lookup fails (the client makes 5), then GitHub is back.
-        gh.fail_next(Endpoint.GET_RUNNER_GROUP, times=5, status=503)
+        gh.fail_next(Endpoint.GET_SCALE_SET, times=5, status=503)
         sleeps: list[float] = []
 
         async def fake_sleep(delay: float) -> None:

@@ -82,3 +82,21 @@ async def test_shutdown_cancels_a_pending_start_retry() -> None:
     async with asyncio.timeout(2):
         await s.shutdown()
     assert len(client.jit_names) == 1
+
+
+async def test_an_environment_that_ends_while_its_release_is_refused_ends_the_runner() -> None:
+    """Draining while GitHub refuses the release (here: it keeps failing): the runner's
+    environment ending must still end it, not wait for GitHub."""
+    client = FakeClient()
+    client.remove_error = RuntimeError("401 Unauthorized")
+    prov = InMemoryProvisioner()
+    s = make_scaler(client, prov, retry_first=0.05, retry_max=0.1)
+    await s.handle_desired_runner_count(1)
+    await eventually(lambda: [r.phase.value for r in s.runners()] == ["idle"])
+    s.drain()
+    await eventually(lambda: len(client.removed) >= 2)  # the release is being retried
+    (name,) = prov.environments
+    prov.environments[name].end()  # the runner process exits by itself
+    await eventually(lambda: s.runners() == [], timeout=2)
+    assert prov.environments == {}
+    await s.shutdown(timeout=1)

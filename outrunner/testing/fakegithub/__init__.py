@@ -173,7 +173,9 @@ Test controls and inspection
   ``"outage"``), ``requests_to(endpoint)``, ``clear_requests()``.
 * ``wait_for(predicate, timeout=10)``, ``wait_until_jobs_completed(n, timeout=10)`` and their
   ``..._async`` twins for event-loop tests; they raise ``TimeoutError``.
-* ``expire_admin_tokens()``, ``expire_queue_tokens()``, ``expire_sessions()``.
+* ``expire_admin_tokens()``, ``expire_queue_tokens()``, ``expire_sessions()``;
+  ``revoke_credentials()`` (the PAT or App is revoked: registration-token answers 401 and every
+  admin and queue token issued so far stops working).
 * Fault injection by ``Endpoint`` (or its string value), consumed one per request in FIFO order:
   ``fail_next(endpoint, times=1, status=503, body=None, headers=None)`` answers without handling
   (``body``: mapping -> JSON, str -> text/plain, bytes -> raw, None -> a typeName/message JSON

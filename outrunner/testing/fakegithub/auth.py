@@ -26,6 +26,7 @@ class Credentials:
         self._admin_tokens: dict[str, float] = {}
         self._registration_tokens: dict[str, tuple[float, str]] = {}
         self._installation_tokens: dict[str, float] = {}
+        self._revoked = False
 
     def scope_exists(self, scope: str) -> bool:
         """Whether a registration-token scope (``org``, ``org/repo``, ``enterprises/e``) is one
@@ -41,6 +42,8 @@ class Credentials:
     def bearer_valid(self, token: str) -> bool:
         """A PAT or installation token good for the registration-token call."""
         with self._lock:
+            if self._revoked:
+                return False
             if token in self._installation_tokens:
                 return self._installation_tokens[token] > time.time()
             if self._pat is None:
@@ -82,6 +85,13 @@ class Credentials:
         with self._lock:
             for token in self._admin_tokens:
                 self._admin_tokens[token] = 0.0
+
+    def revoke(self) -> None:
+        """The PAT (or App installation) is revoked: nothing it issued works any more."""
+        with self._lock:
+            self._revoked = True
+            self._installation_tokens.clear()
+        self.expire_admin_tokens()
 
 
 def _expiry(ttl: float) -> datetime:

@@ -371,6 +371,13 @@ class FakeGitHub:
         """Make every admin token issued so far invalid (401 on Actions-service calls)."""
         self._state.credentials.expire_admin_tokens()
 
+    def revoke_credentials(self) -> None:
+        """Revoke the token (as its owner or an admin would): registration-token answers 401
+        from now on, and every admin and message-queue token issued so far stops working, so
+        a client notices at its next call."""
+        self._state.credentials.revoke()
+        self._state.expire_queue_tokens()
+
     def expire_queue_tokens(self) -> None:
         """Make every session's message-queue token invalid until the session is refreshed."""
         self._state.expire_queue_tokens()
