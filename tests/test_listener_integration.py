@@ -2,7 +2,7 @@
 
 The burst test is the scale set issue's acceptance test: 20 jobs, max_runners 5; every job
 completes, every runner is deregistered, no session is left, the statistics return to zero, and
-the request log matches the protocol reference request by request.
+the request log matches docs/protocol.md request by request.
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ async def test_burst_of_20_jobs_with_max_5_runners() -> None:
         check_request_log(gh.requests, scale_set.id)
 
 
-# The protocol reference, as a table: (method, path pattern, api-version?, auth scheme, body keys).
+# docs/protocol.md, as a table: (method, path pattern, api-version?, auth scheme, body keys).
 _BASE = r"/tenant/1"
 _SS = _BASE + r"/_apis/runtime/runnerscalesets"
 EXPECTED: dict[Endpoint, tuple[str, str, bool | None, str, Any]] = {

@@ -21,6 +21,7 @@ import re
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 
 import httpx
 import truststore
@@ -202,7 +203,8 @@ class Transport:
         ``bearer`` replaces the admin token (acquirejobs sends the message-queue token).
         """
         admin = await self.admin.get()
-        response = await self._actions_send(method, path, params, content, bearer, admin)
+        send = partial(self._actions_send, method, path, params=params, content=content)
+        response = await send(bearer=bearer, admin=admin)
         if response.status_code == 401 and bearer is None:
             # The service refused an admin token that had not expired (revoked, or the PAT
             # behind it was): fetch a new one and try once more. Unlike the Go client, which
@@ -210,14 +212,14 @@ class Transport:
             # at the token exchange, which is what tells a permanent failure (docs/protocol.md
             # §2.5).
             self.admin.invalidate(admin.token)
-            admin = await self.admin.get()
-            response = await self._actions_send(method, path, params, content, bearer, admin)
+            response = await send(bearer=bearer, admin=await self.admin.get())
         return response
 
     async def _actions_send(
         self,
         method: str,
         path: str,
+        *,
         params: Mapping[str, str] | None,
         content: bytes | None,
         bearer: str | None,

@@ -1,5 +1,5 @@
 """A deliberately dumb raw-httpx client of the fake, so these tests do not depend on
-outrunner.scaleset: every URL, header and body is spelled out as the protocol reference has it."""
+outrunner.scaleset: every URL, header and body is spelled out as docs/protocol.md has it."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ if TYPE_CHECKING:
     from outrunner.testing.fakegithub.outage import Outage
 
 # Namespaces of the .NET exception type names the real services put in ``typeName``. The client
-# matches them by substring (protocol reference §5), so the fully qualified forms are used.
+# matches them by substring (docs/protocol.md §5), so the fully qualified forms are used.
 RUNTIME = "GitHub.Actions.Runtime.WebApi"
 DISTRIBUTED_TASK = "GitHub.DistributedTask.WebApi"
 SERVICES = "GitHub.Services.WebApi"

@@ -57,7 +57,7 @@ from outrunner.testing.fakegithub.model import (
 )
 from outrunner.testing.fakegithub.outage import Outage
 
-# The real service batches at most 50 job messages per envelope (protocol reference §4.1).
+# The real service batches at most 50 job messages per envelope (docs/protocol.md §4.1).
 MAX_JOBS_PER_MESSAGE = 50
 # Real message ids are large (e.g. 100003863); starting there catches int32-ish assumptions.
 FIRST_MESSAGE_ID = 100_000_000

@@ -1,7 +1,7 @@
 """Random secrets and the unsigned-but-well-formed JWTs the fake hands out and accepts.
 
 No crypto dependency: the admin token only has to *parse* like a JWT (the client reads ``exp``
-without verifying the signature, protocol reference §2.4), so its signature is random bytes. For the
+without verifying the signature, docs/protocol.md §2.4), so its signature is random bytes. For the
 same reason the fake cannot verify a GitHub App JWT's RS256 signature; it checks the structure and
 the claims GitHub checks (``iss``, ``iat``, ``exp`` at most 10 minutes after ``iat``).
 """
