@@ -1,5 +1,7 @@
 """Fail safe and loud (issue 10), end to end with real Docker: examples/run.py against FakeGitHub.
 
+A revoked token stops only its own scale set; the other keeps serving.
+
 An image that cannot be pulled (its registry is 127.0.0.1:1, so the engine never reaches out)
 must not turn every demand signal into a registration at GitHub: starts back off, 1 s doubling,
 one probe at a time, and the log names the image.
@@ -54,3 +56,51 @@ def test_an_image_that_cannot_be_pulled_backs_off_and_is_named(engine: Any, tmp_
         assert gh.sessions() == []
         left = engine.containers(all=True, filters={"label": f"outrunner.scaleset={SCALE_SET}"})
         assert left == []
+
+
+def test_revoking_one_token_mid_run_keeps_the_other_scale_set_serving(
+    engine: Any, runner_image: str, tmp_path: Path
+) -> None:
+    """Two scale sets on two URLs. One token is revoked mid-run, while that scale set's runner
+    runs a job: the job finishes, that scale set stops with the cause in the log, the other
+    keeps serving; after SIGTERM the process exits 1 with one error line."""
+    with (
+        FakeGitHub(pat=TOKEN, long_poll_timeout=1.0) as kept,
+        FakeGitHub(pat=TOKEN, long_poll_timeout=1.0) as revoked,
+    ):
+        config = tmp_path / "farm.yml"
+        docker = f"    docker: {{image: {runner_image}, network: host, pull: never}}\n"
+        config.write_text(
+            "runners:\n"
+            "  e2e-kept:\n"
+            f"    url: {kept.config_url()}\n"
+            "    labels: [self-hosted, kept]\n"
+            f"{docker}"
+            "  e2e-revoked:\n"
+            f"    url: {revoked.config_url()}\n"
+            "    labels: [self-hosted, revoked]\n"
+            f"{docker}"
+        )
+        with run_script(config, {**os.environ, "GITHUB_TOKEN": TOKEN}) as script:
+            kept.wait_for(lambda: len(kept.sessions()) == 1, timeout=60)
+            revoked.wait_for(lambda: len(revoked.sessions()) == 1, timeout=60)
+            busy = revoked.queue_job(["revoked"], duration=4.0)
+            revoked.wait_for(lambda: revoked.job(busy).runner_name is not None, timeout=60)
+            revoked.revoke_credentials()
+            revoked.wait_for(lambda: revoked.job(busy).result is not None, timeout=60)
+            for n in range(3):
+                kept.queue_job(["kept"], duration=0.5, display_name=f"kept {n}")
+            completed = kept.wait_until_jobs_completed(3, timeout=120)
+            assert [job.result for job in completed] == ["succeeded"] * 3
+            status, output = script.sigterm(timeout=120)
+        assert revoked.job(busy).result == "succeeded"
+        assert status == 1, output[-3000:]
+        assert "Scale set stopped: an error that waiting will not fix" in output
+        assert "Scale set stopped; the others keep serving" in output
+        assert output.strip().splitlines()[-1].startswith("outrunner: error: ")
+        assert "401" in output.strip().splitlines()[-1]
+        assert kept.sessions() == []
+        assert kept.runners() == []
+        for scale_set in ("e2e-kept", "e2e-revoked"):
+            left = engine.containers(all=True, filters={"label": f"outrunner.scaleset={scale_set}"})
+            assert left == []
