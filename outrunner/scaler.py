@@ -241,8 +241,9 @@ class Scaler:
 
         Returns once the new runners are registered and their lifecycles started, without waiting
         for provisioning. A JIT request that fails fails its slot only (logged; the next demand
-        signal tries again). The result counts tracked runners plus those other calls are
-        adding.
+        signal tries again). After failed starts, new runners wait out the start backoff (the
+        demand is remembered and acted on when it ends) and then come one at a time until a
+        start succeeds. The result counts tracked runners plus those other calls are adding.
         """
         self._desired = count
         target = min(self._max_runners, max(count, 0))
