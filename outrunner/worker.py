@@ -308,7 +308,14 @@ class ScaleSetWorker:
         """Adopt a journaled runner whose environment lives, or clean it up; True when its
         environment must be kept (adopted, or the backend could not tell)."""
         log = self._log.bind(name=entry.name, runner_id=entry.runner_id, phase=str(entry.phase))
-        adoptable = entry.phase in (JournalPhase.IDLE, JournalPhase.RUNNING) and entry.runner_id
+        # A provisioning entry is asked too: the process may have died between the environment
+        # starting (its runner taking a job at once) and the journal hearing of it; the backend
+        # says whether the runner really runs.
+        adoptable = entry.runner_id and entry.phase in (
+            JournalPhase.PROVISIONING,
+            JournalPhase.IDLE,
+            JournalPhase.RUNNING,
+        )
         if adoptable and isinstance(self._provisioner, Adopter):
             try:
                 adopted = await self._provisioner.adopt(entry.name, self.runner)
@@ -318,7 +325,9 @@ class ScaleSetWorker:
                 log.error("Cannot tell whether a journaled runner is alive", error=str(exc))
                 return True
             if adopted:
-                self.scaler.adopt(entry.name, entry.runner_id, RunnerPhase(entry.phase.value))
+                running = entry.phase is JournalPhase.RUNNING
+                phase = RunnerPhase.RUNNING if running else RunnerPhase.IDLE
+                self.scaler.adopt(entry.name, entry.runner_id, phase)
                 return True
         if entry.phase not in (JournalPhase.REGISTERING, JournalPhase.DEREGISTERING):
             log.info("Journaled runner is gone; cleaning up")

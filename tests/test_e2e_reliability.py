@@ -33,12 +33,18 @@ SCALE_SET = "e2e-reliable"
 LABEL = "reliable"
 
 
-def eventually(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll ``predicate`` (it may look at Docker, which the fake's wait_for cannot see)."""
+def eventually(
+    predicate: Callable[[], bool],
+    timeout: float,
+    what: str,
+    detail: Callable[[], str] = str,
+) -> None:
+    """Poll ``predicate`` (it may look at Docker, which the fake's wait_for cannot see);
+    ``detail()`` (e.g. the script's output) goes into the error when it times out."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            raise TimeoutError(f"waited {timeout:.0f} s for {what}")
+            raise TimeoutError(f"waited {timeout:.0f} s for {what}\n{detail()}")
         time.sleep(0.1)
 
 
@@ -240,6 +246,7 @@ def test_kill_9_with_busy_runners_then_restart_adopts_them(
                 lambda: script.output().count("Adopted runner") == 3,
                 timeout=60,
                 what="3 runners adopted",
+                detail=lambda: script.output()[-6000:],
             )
             # Adopted, not recreated: the very containers that took the jobs.
             assert containers(engine, running_only=True) == before

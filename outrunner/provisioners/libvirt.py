@@ -598,7 +598,9 @@ class LibvirtProvisioner(ClosingContext):
                     return f"the guest agent does not answer: {_explain(exc)}"
             await asyncio.sleep(delay)
         if runner.pid is None:
-            return None  # a domain from before PIDs were recorded: the agent answering will do
+            # The PID is recorded once the runner is launched: without it, the start did not
+            # get that far and no runner can be running in the guest.
+            return "its runner was never launched (no runner PID in the metadata)"
         if await self._runner_exited(domain, runner.pid):
             return "its runner process has exited"
         return None
