@@ -273,20 +273,12 @@ class ScaleSetWorker:
         stale = self._journal.sessions().get(self.name) if self._journal is not None else None
         if not stale:
             return
-        try:
-            async with asyncio.timeout(SESSION_DELETE_TIMEOUT):
-                await self._client.delete_message_session(scale_set_id, stale)
-        except SessionExpiredError:
-            pass  # GitHub expired it already
-        except Exception as exc:  # it expires by itself; meanwhile the 409s are retried
-            self._log.warning(
-                "Cannot delete the message session of an earlier run",
-                session_id=stale,
-                error=str(exc),
-            )
-            return
-        self._log.info("Deleted the message session of an earlier run", session_id=stale)
-        self._remember_session("")
+        deleting = self._client.delete_message_session(scale_set_id, stale)
+        # If it cannot be deleted it expires by itself; meanwhile the 409s are retried.
+        if await self._delete_session(
+            deleting, "Cannot delete the message session of an earlier run", session_id=stale
+        ):
+            self._log.info("Deleted the message session of an earlier run", session_id=stale)
 
     async def _drained(self) -> None:
         await self._drain.wait()
@@ -497,24 +489,30 @@ class ScaleSetWorker:
         return session, False
 
     async def _close_session(self, session: MessageSession) -> None:
+        await self._delete_session(
+            session.delete(), "Failed to delete the message session; the next start deletes it"
+        )
+
+    async def _delete_session(
+        self, deleting: Awaitable[None], failure: str, **attrs: object
+    ) -> bool:
+        """Await a session DELETE, bounded; True (and the journal told) once GitHub no longer
+        has the session, False (``failure`` logged) when it may still have it."""
         try:
             async with asyncio.timeout(SESSION_DELETE_TIMEOUT):
-                await session.delete()
+                await deleting
         except SessionExpiredError:
             pass  # GitHub dropped it already (it expired, or it is why the listener failed)
         except TimeoutError:
-            self._log.warning(
-                "Timed out deleting the message session; the next start deletes it",
-                timeout=SESSION_DELETE_TIMEOUT,
+            self._log.bind(**attrs).warning(
+                failure, error=f"no answer within {SESSION_DELETE_TIMEOUT:g} s"
             )
-            return
+            return False
         except Exception as exc:
-            self._log.warning(
-                "Failed to delete the message session; the next start deletes it",
-                error=str(exc),
-            )
-            return
+            self._log.bind(**attrs).warning(failure, error=str(exc))
+            return False
         self._remember_session("")
+        return True
 
     def _remember_session(self, session_id: str) -> None:
         if self._journal is None:
