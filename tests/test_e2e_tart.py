@@ -13,7 +13,7 @@ from pathlib import Path
 from outrunner.provisioners.tart import _JIT_WRAPPER
 from outrunner.testing import FakeGitHub
 from outrunner.testing.agent import AgentError, decode_jit_config
-from outrunner.testing.faketart import FakeTart, Invocation
+from tests.support.faketart import FakeTart, Invocation
 from tests.support.run_script import run_jobs, run_script
 
 TOKEN = "ghp_e2eTartSecretToken_0a9b8c7d6e5f4321"

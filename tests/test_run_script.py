@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 import outrunner
-from outrunner.testing.faketart import FakeTart
 from tests.scaleset.scripted_server import ScriptedServer, self_signed_certificate
+from tests.support.faketart import FakeTart
 
 SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "run.py"
 

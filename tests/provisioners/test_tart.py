@@ -1,4 +1,4 @@
-"""TartProvisioner against the fake tart CLI (outrunner.testing.faketart): exact arguments,
+"""TartProvisioner against the fake tart CLI (tests.support.faketart): exact arguments,
 lifecycle, failures and their logs, cancellation, orphan cleanup, secrecy of the JIT config."""
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from outrunner.provisioners.tart import (
     _private_dir,
 )
 from outrunner.testing.contract import runner_name
-from outrunner.testing.faketart import FakeTart, Invocation
+from tests.support.faketart import FakeTart, Invocation
 
 pytestmark = pytest.mark.anyio
 

@@ -9,7 +9,6 @@ import pytest
 from outrunner.provisioner import RunnerRequest
 from outrunner.provisioners.tart import TartProvisioner, TartProvisionerError
 from outrunner.testing.contract import ProvisionerContract
-from outrunner.testing.faketart import FakeTart
 from tests.provisioners.test_tart import (
     IDLE_RUNNER,
     discard_vms,
@@ -18,6 +17,7 @@ from tests.provisioners.test_tart import (
     tart_runner,
     write_script,
 )
+from tests.support.faketart import FakeTart
 
 
 class TestTartProvisionerContract(ProvisionerContract[TartProvisioner]):

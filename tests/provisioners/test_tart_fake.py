@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from outrunner.testing.faketart import FakeTart
+from tests.support.faketart import FakeTart
 
 
 @pytest.fixture
@@ -378,7 +378,7 @@ def test_shim_and_module_entry_points(fake: FakeTart, tmp_path: Path) -> None:
     )
     assert listed.stdout == "base\n"
     module = subprocess.run(
-        [sys.executable, "-m", "outrunner.testing.faketart", "list", "-q"],
+        [sys.executable, "-m", "tests.support.faketart", "list", "-q"],
         env=fake.env(),
         capture_output=True,
         text=True,

@@ -4,7 +4,7 @@ Tart runs only on Apple Silicon Macs, but a backend that drives the ``tart`` CLI
 anywhere against a program that keeps the CLI's contract. This is that program, stdlib only, so
 you can test your own orchestration too::
 
-    python -m outrunner.testing.faketart list --source local --quiet
+    python -m tests.support.faketart list --source local --quiet
     python path/to/faketart.py clone ghcr.io/cirruslabs/ubuntu:latest my-vm
 
 or, from Python (e.g. in a pytest test)::
@@ -1090,7 +1090,7 @@ class FakeTart:
         ``python`` (default: the current interpreter) and ``FAKE_TART_HOME`` defaulting to
         ``home`` (default ``<directory>/home``), so a PATH entry alone selects this fake.
 
-        The shim runs this file by path rather than ``-m outrunner.testing.faketart``: it
+        The shim runs this file by path rather than ``-m tests.support.faketart``: it
         imports only the stdlib, and skipping the package import makes each call ~5x faster.
         """
         base = Path(directory)
