@@ -54,12 +54,15 @@ __all__ = [
     "DockerMount",
     "LibvirtImage",
     "LibvirtMount",
+    "ResolvedToken",
     "RunnerConfig",
     "TartImage",
     "TartMount",
     "load_config",
+    "read_token_file",
     "resolve_runner_ca_file",
     "resolve_runner_token",
+    "resolve_runner_token_source",
     "resolve_runner_url",
     "resolve_token",
     "resolve_url",
@@ -572,6 +575,16 @@ _MAX_TOKEN_BYTES: Final = 64 * 1024
 _TOKEN_BAD_CHARS: Final = re.compile(r"[\s\x00-\x1f\x7f]")
 
 
+@dataclass(frozen=True)
+class ResolvedToken:
+    """A token and the setting it came from (for messages; the token itself is never shown)."""
+
+    value: str = field(repr=False)
+    origin: str
+    """``"--token"`` (or the flag's own label), ``"GITHUB_TOKEN"``, ``"systemd credential
+    <path>"``, ``"token_file <path>"`` or ``"runners.<name>.token_file <path>"``."""
+
+
 def resolve_token(flag_token: str | None, cfg: Config) -> str:
     """The GitHub token, from the first source that has one.
 
@@ -581,21 +594,25 @@ def resolve_token(flag_token: str | None, cfg: Config) -> str:
     :class:`ConfigError` (never containing the token) when there is no token, or when a token
     file is unreadable, empty or holds more than one word.
     """
+    return _resolve_token(flag_token, cfg, "--token").value
+
+
+def _resolve_token(flag_token: str | None, cfg: Config, flag_origin: str) -> ResolvedToken:
     if flag_token and flag_token.strip():
-        return _checked_token(flag_token.strip(), "--token")
+        return ResolvedToken(_checked_token(flag_token.strip(), flag_origin), flag_origin)
     env_token = os.environ.get("GITHUB_TOKEN", "").strip()
     if env_token:
-        return _checked_token(env_token, "GITHUB_TOKEN")
+        return ResolvedToken(_checked_token(env_token, "GITHUB_TOKEN"), "GITHUB_TOKEN")
     credentials_dir = os.environ.get("CREDENTIALS_DIRECTORY", "")
     if credentials_dir:
         path = os.path.join(credentials_dir, "github-token")
         token = _read_token_file(path, "systemd credential", missing_ok=True)
         if token is not None:
-            return token
+            return ResolvedToken(token, f"systemd credential {path}")
     if cfg.token_file:
         token = _read_token_file(cfg.token_file, "token_file")
         assert token is not None
-        return token
+        return ResolvedToken(token, f"token_file {cfg.token_file}")
     raise ConfigError(_NO_TOKEN_MESSAGE)
 
 
@@ -626,11 +643,29 @@ def resolve_runner_token(flag_token: str | None, cfg: Config, runner: RunnerConf
     A runner's ``token_file`` beats even ``--token``: it exists to give that runner a
     different identity.
     """
+    return resolve_runner_token_source(flag_token, cfg, runner).value
+
+
+def resolve_runner_token_source(
+    flag_token: str | None, cfg: Config, runner: RunnerConfig, *, flag_origin: str = "--token"
+) -> ResolvedToken:
+    """:func:`resolve_runner_token` with where the token came from; ``flag_origin`` names the
+    flag that gave ``flag_token`` (``--token-file <path>`` when the command read it from one)."""
     if runner.token_file:
-        token = _read_token_file(runner.token_file, f"{_runner_key(runner)}.token_file")
+        origin = f"{_runner_key(runner)}.token_file"
+        token = _read_token_file(runner.token_file, origin)
         assert token is not None
-        return token
-    return resolve_token(flag_token, cfg)
+        return ResolvedToken(token, f"{origin} {runner.token_file}")
+    return _resolve_token(flag_token, cfg, flag_origin)
+
+
+def read_token_file(path: str, origin: str) -> str:
+    """Read a token file as every token setting does (one word, stripped, at most 64 KiB);
+    ``origin`` names the setting in errors, e.g. ``"--token-file"``. Raises
+    :class:`ConfigError`, never containing the token."""
+    token = _read_token_file(path, origin)
+    assert token is not None
+    return token
 
 
 def resolve_runner_ca_file(cfg: Config, runner: RunnerConfig) -> str:

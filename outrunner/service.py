@@ -69,21 +69,28 @@ DEFAULT_MAX_RUNNERS = 2
 
 def default_provisioner(runner: RunnerConfig) -> Provisioner:
     """The backend a runner entry names; imported lazily so unused extras need not be installed."""
+    logger = get_logger(f"outrunner.{runner.provider_type}", scale_set=runner.name)
+    return backend_factory(runner)(runner, logger=logger)
+
+
+def backend_factory(runner: RunnerConfig) -> Callable[..., Provisioner]:
+    """The ``for_runner(runner, *, logger)`` constructor of the backend a runner entry names,
+    imported now: raises :class:`ConfigError` when this installation lacks the backend's extra
+    (what ``outrunner --check`` reports before anything starts)."""
     kind = runner.provider_type
-    logger = get_logger(f"outrunner.{kind}", scale_set=runner.name)
     try:
         if kind == "docker":
             from outrunner.provisioners.docker import DockerProvisioner
 
-            return DockerProvisioner.for_runner(runner, logger=logger)
+            return DockerProvisioner.for_runner
         if kind == "libvirt":
             from outrunner.provisioners.libvirt import LibvirtProvisioner
 
-            return LibvirtProvisioner.for_runner(runner, logger=logger)
+            return LibvirtProvisioner.for_runner
         if kind == "tart":
             from outrunner.provisioners.tart import TartProvisioner
 
-            return TartProvisioner.for_runner(runner, logger=logger)
+            return TartProvisioner.for_runner
     except ImportError as exc:
         raise ConfigError(
             f"runners.{runner.name}: the {kind} backend needs the '{kind}' extra "
@@ -382,12 +389,13 @@ def _failure(task: asyncio.Task[None]) -> BaseException | None:
     return None if not task.done() or task.cancelled() else task.exception()
 
 
-async def serve(service: Service) -> None:
+async def serve(service: Service, *, on_reload: Callable[[], None] | None = None) -> None:
     """Run ``service`` until SIGINT or SIGTERM, then shut it down cleanly (bounded).
 
     The first signal drains (busy runners finish their jobs, up to the drain timeout); the
     second stops every runner at once; after that the default handlers are back, so a third
-    signal interrupts even a stuck shutdown.
+    signal interrupts even a stuck shutdown. With ``on_reload``, SIGHUP calls it (on the event
+    loop) instead of ending the process, as a service manager's "reload" expects.
     """
     loop = asyncio.get_running_loop()
     signals = (signal.SIGINT, signal.SIGTERM)
@@ -405,8 +413,12 @@ async def serve(service: Service) -> None:
 
     for sig in signals:
         loop.add_signal_handler(sig, on_signal, sig)
+    if on_reload is not None:
+        loop.add_signal_handler(signal.SIGHUP, on_reload)
     try:
         await service.run()
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)
+        if on_reload is not None:
+            loop.remove_signal_handler(signal.SIGHUP)

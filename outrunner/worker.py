@@ -250,7 +250,9 @@ class ScaleSetWorker:
             "Scale set stopped: an error that waiting will not fix",
             error=str(error),
             busy=self.scaler.busy_runners(),
-            exc_info=error,
+            # A known error's message says it all (and goes to an operator's log); only a
+            # surprise needs its traceback.
+            exc_info=error if classify(error) is Failure.UNKNOWN else None,
         )
         self.drain()
         try:

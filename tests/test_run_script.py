@@ -1,4 +1,8 @@
-"""examples/run.py as a user runs it: a subprocess, its exit status and what it prints."""
+"""examples/run.py as a user runs it: a subprocess, its exit status and what it prints.
+
+Logs go to stderr, so an error is the *last* stderr line; the command's own output (the demo
+summary) is on stdout. The installed ``outrunner`` command runs the same code (tests/test_cli.py).
+"""
 
 from __future__ import annotations
 
@@ -35,9 +39,17 @@ def test_version() -> None:
     assert result.stdout.strip() == f"outrunner {outrunner.__version__}"
 
 
+def error_line(stderr: str) -> str:
+    """The error a run ended with: stderr's last line (log lines come before it)."""
+    lines = stderr.strip().splitlines()
+    assert lines, "nothing on stderr"
+    assert lines[-1].startswith("outrunner: error: "), stderr
+    return lines[-1]
+
+
 def test_missing_config_is_one_clear_line(tmp_path: Path) -> None:
     result = run("--config", str(tmp_path / "nope.yml"))
-    assert result.returncode == 1
+    assert result.returncode == 78  # EX_CONFIG
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
@@ -52,7 +64,7 @@ def test_bad_config_names_file_key_and_value(tmp_path: Path) -> None:
         '    max_runners: "2"\n    docker: {image: x}\n'
     )
     result = run("--config", str(config))
-    assert result.returncode == 1
+    assert result.returncode == 78
     assert "Traceback" not in result.stderr
     assert "farm.yml" in result.stderr
     assert "runners.linux.max_runners" in result.stderr
@@ -66,9 +78,9 @@ def test_missing_token_is_a_clear_error(tmp_path: Path) -> None:
         "    docker: {image: x}\n"
     )
     result = run("--config", str(config), timeout=60, env={"PATH": "/usr/bin:/bin"})
-    assert result.returncode == 1
+    assert result.returncode == 78
     assert "Traceback" not in result.stderr
-    assert "token" in result.stderr.lower()
+    assert "token" in error_line(result.stderr).lower()
 
 
 def test_demo_runs_every_job_and_leaves_nothing() -> None:
@@ -94,8 +106,7 @@ def test_unreachable_backend_is_one_clear_line(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
-    assert result.stderr.startswith("outrunner: error: ")
-    assert "/nonexistent/docker.sock" in result.stderr
+    assert "/nonexistent/docker.sock" in error_line(result.stderr)
     assert "ghp_notARealToken0123456789" not in result.stdout + result.stderr
 
 
@@ -125,8 +136,9 @@ def test_untrusted_certificate_ends_start_up_with_one_line(tmp_path: Path, trust
         )
     assert result.returncode == 1, result.stdout + result.stderr
     assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("outrunner: ")]
+    assert len(errors) == 1, result.stderr
+    lines = [error_line(result.stderr)]
     token_url = f"{server.url}/api/v3/repos/org/repo/actions/runners/registration-token"
     assert lines[0].startswith(f"outrunner: error: request POST {token_url} failed: ")
     assert "TLS certificate verification failed: self-signed certificate" in lines[0]
