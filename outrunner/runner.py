@@ -48,7 +48,10 @@ class RunnerState:
     adopted: bool = False
     release_tried: bool = field(default=False, repr=False)
     """Draining already tried to deregister it while it had no job (the Scaler's bookkeeping)."""
+    reaped: bool = field(default=False, repr=False)
+    """Ended for its age (``max_lifetime`` / ``idle_timeout``); a replacement follows."""
     _done: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    _release: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     def signal_done(self) -> None:
         """Tell the lifecycle that the job finished. Safe to call any number of times."""
@@ -60,6 +63,13 @@ class RunnerState:
 
     async def wait_done(self) -> None:
         await self._done.wait()
+
+    def request_release(self) -> None:
+        """Ask the lifecycle to release the runner if it has no job (as draining does)."""
+        self._release.set()
+
+    async def wait_release(self) -> None:
+        await self._release.wait()
 
     def snapshot(self) -> RunnerSnapshot:
         return RunnerSnapshot(

@@ -78,6 +78,11 @@ RETRY_MAX: Final = 60.0
 START_BACKOFF_FIRST: Final = 1.0
 START_BACKOFF_MAX: Final = 300.0
 """Backoff (seconds) after consecutive failed starts: 1 s doubling to 5 minutes, jittered."""
+REAP_INTERVAL = 5.0
+"""Seconds between checks of runner ages against ``max_lifetime`` and ``idle_timeout``."""
+PHANTOM_REAPS: Final = 3
+"""Idle runners reaped in a row while GitHub reports assigned jobs before that is logged as a
+likely inflated job count."""
 
 
 class ScaleSetClient(Protocol):
@@ -120,6 +125,13 @@ class StartBackoff:
 
 PhaseObserver = Callable[[str, RunnerSnapshot | None], None]
 """Called with a runner's name and its new snapshot on every change; None once it is forgotten."""
+ReapObserver = Callable[[str, str], None]
+"""Called with a runner's name and the reason (``"max_lifetime"`` or ``"idle_timeout"``) when
+the Scaler ends a runner for its age."""
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
 
 
 class Scaler:
@@ -146,9 +158,20 @@ class Scaler:
         retry_max: float = RETRY_MAX,
         start_backoff_first: float = START_BACKOFF_FIRST,
         start_backoff_max: float = START_BACKOFF_MAX,
+        min_runners: int = 0,
+        max_lifetime: float | None = None,
+        idle_timeout: float | None = None,
+        on_reap: ReapObserver | None = None,
+        reap_interval: float = REAP_INTERVAL,
+        clock: Callable[[], datetime] = _utc_now,
     ) -> None:
         if max_runners < 0:
             raise ValueError(f"max_runners must be >= 0, got {max_runners}")
+        if min_runners < 0:
+            raise ValueError(f"min_runners must be >= 0, got {min_runners}")
+        for what, limit in (("max_lifetime", max_lifetime), ("idle_timeout", idle_timeout)):
+            if limit is not None and limit <= 0:
+                raise ValueError(f"{what} must be more than 0 seconds, got {limit}")
         if jit_concurrency < 1:
             raise ValueError(f"jit_concurrency must be >= 1, got {jit_concurrency}")
         self._client = client
@@ -156,6 +179,14 @@ class Scaler:
         """The scale set's id at GitHub; 0 until the worker has set the scale set up (adopted
         runners are tracked before that; new ones are only requested after)."""
         self._max_runners = max_runners
+        self._min_runners = min_runners
+        self._max_lifetime = max_lifetime
+        self._idle_timeout = idle_timeout
+        self._on_reap = on_reap
+        self._reap_interval = reap_interval
+        self._clock = clock
+        self._reaper: asyncio.Task[None] | None = None
+        self._phantom_reaps = 0
         self._prefix = name_prefix
         self._runner_config = runner
         self._backend = _backend_of(runner)
@@ -203,6 +234,17 @@ class Scaler:
         self._max_runners = value
 
     @property
+    def min_runners(self) -> int:
+        """Idle runners kept waiting for jobs (the warm pool), within ``max_runners``."""
+        return self._min_runners
+
+    @min_runners.setter
+    def min_runners(self, value: int) -> None:
+        if value < 0:
+            raise ValueError(f"min_runners must be >= 0, got {value}")
+        self._min_runners = value
+
+    @property
     def draining(self) -> bool:
         """True once :meth:`drain` or :meth:`shutdown` was called: no new runners."""
         return self._draining.is_set()
@@ -237,7 +279,11 @@ class Scaler:
     # -- the listener's Scaler protocol ------------------------------------------------------
 
     async def handle_desired_runner_count(self, count: int) -> int:
-        """Add runners until ``min(max_runners, count)`` exist; never removes any.
+        """Add runners until ``min(max_runners, count + min_runners)`` exist; never removes any.
+
+        ``count`` is GitHub's assigned jobs; ``min_runners`` idle runners wait on top of them
+        (the warm pool, as ARC and the actions/scaleset example size it), so a runner that takes
+        a job is replaced by the next demand signal, which counts that job.
 
         Returns once the new runners are registered and their lifecycles started, without waiting
         for provisioning. A JIT request that fails fails its slot only (logged; the next demand
@@ -246,7 +292,7 @@ class Scaler:
         start succeeds. The result counts tracked runners plus those other calls are adding.
         """
         self._desired = count
-        target = min(self._max_runners, max(count, 0))
+        target = min(self._max_runners, max(count, 0) + self._min_runners)
         current = len(self._runners) + self._reserved
         missing = 0 if self.draining else target - current
         self._log.debug("Desired runner count", requested=count, target=target, current=current)
@@ -285,8 +331,11 @@ class Scaler:
             raise ValueError(f"runner {name} is already tracked")
         if phase not in (RunnerPhase.IDLE, RunnerPhase.RUNNING):
             raise ValueError(f"only idle or running runners can be adopted, got {phase}")
-        state = RunnerState(name=name, runner_id=runner_id, phase=phase, adopted=True)
-        state.started_at = datetime.now(UTC)
+        now = self._clock()  # its true age is unknown: its lifetime counts from the adoption
+        state = RunnerState(
+            name=name, runner_id=runner_id, phase=phase, adopted=True, created_at=now
+        )
+        state.started_at = now
         self._track(state)
         self._log.info("Adopted runner", name=name, runner_id=runner_id, phase=str(phase))
         self._tasks[name] = asyncio.create_task(self._lifecycle(state, None), name=f"runner:{name}")
@@ -305,6 +354,8 @@ class Scaler:
         self._draining.set()
         if self._start_retry is not None:
             self._start_retry.cancel()
+        if self._reaper is not None:
+            self._reaper.cancel()
 
     async def shutdown(self, timeout: float = 30.0) -> None:
         """Stop and deregister every runner, busy or not; give up waiting after ``timeout``.
@@ -317,6 +368,7 @@ class Scaler:
         self._draining.set()
         self._forced.set()
         await cancel_and_wait(self._start_retry)
+        await cancel_and_wait(self._reaper)
         for start in list(self._start_tasks.values()):
             start.cancel()
         loop = asyncio.get_running_loop()
@@ -381,7 +433,7 @@ class Scaler:
         # The JIT config lets whoever holds it act as this runner: mask it in every log line
         # until the runner is forgotten.
         register_secret(jit.encoded_jit_config)
-        state = RunnerState(name=name, runner_id=jit.runner.id)
+        state = RunnerState(name=name, runner_id=jit.runner.id, created_at=self._clock())
         self._track(state)
         request = RunnerRequest(
             name=name, jit_config=jit.encoded_jit_config, runner=self._runner_config
@@ -405,6 +457,12 @@ class Scaler:
         self._runners[state.name] = state
         self._empty.clear()
         self._notify(state)
+        if (
+            (self._max_lifetime or self._idle_timeout)
+            and self._reaper is None
+            and not self.draining
+        ):
+            self._reaper = asyncio.create_task(self._reap_loop(), name=f"reaper:{self._prefix}")
 
     # -- a runner's life ---------------------------------------------------------------------
 
@@ -437,6 +495,9 @@ class Scaler:
                 self._empty.set()
             if self._on_phase_change is not None:
                 self._on_phase_change(state.name, None)
+            if state.reaped and not self.draining:
+                # Its replacement should not wait for the next message (up to a 50 s poll).
+                self._schedule_start_retry()
 
     async def _wait_for_end(self, state: RunnerState) -> bool:
         """Wait for the job to complete, the environment to end, a forced shutdown, or (while
@@ -447,7 +508,8 @@ class Scaler:
             while True:
                 ends: list[Coroutine[Any, Any, Any]] = [state.wait_done(), self._forced.wait()]
                 if state.phase is not RunnerPhase.RUNNING and not state.release_tried:
-                    ends.append(self._draining.wait())  # index 3: release it, then go on
+                    # index 3: drained, or reaped for its age: release it, then go on
+                    ends.append(_first_of(self._draining.wait(), state.wait_release()))
                 if await _first_of(watch, *ends) != 3:
                     return False
                 if state.phase is RunnerPhase.RUNNING:
@@ -571,7 +633,7 @@ class Scaler:
         finally:
             self._start_tasks.pop(state.name, None)
         self._start_succeeded()
-        state.started_at = datetime.now(UTC)
+        state.started_at = self._clock()
         if state.phase is RunnerPhase.RUNNING:
             self._log.info("Runner provisioned (job already assigned)", name=state.name)
             self._notify(state)
@@ -579,6 +641,70 @@ class Scaler:
             self._set_phase(state, RunnerPhase.IDLE)
             self._log.info("Runner provisioned", name=state.name)
         return _Start.OK
+
+    # -- lifetimes ---------------------------------------------------------------------------
+
+    async def _reap_loop(self) -> None:
+        """Every ``reap_interval``, end the runners past ``max_lifetime`` (any phase but
+        provisioning, which ``start_timeout`` bounds) or idle past ``idle_timeout``."""
+        while not self.draining:
+            await asyncio.sleep(self._reap_interval)
+            now = self._clock()
+            for state in list(self._runners.values()):
+                reason = self._reap_reason(state, now)
+                if reason is not None:
+                    self._reap(state, reason, now)
+
+    def _reap_reason(self, state: RunnerState, now: datetime) -> str | None:
+        if state.reaped or state.phase in (RunnerPhase.PROVISIONING, RunnerPhase.STOPPING):
+            return None
+        age = (now - state.created_at).total_seconds()
+        if self._max_lifetime is not None and age >= self._max_lifetime:
+            return "max_lifetime"
+        if self._idle_timeout is not None and state.phase is RunnerPhase.IDLE:
+            idle_since = state.started_at or state.created_at
+            if (now - idle_since).total_seconds() >= self._idle_timeout:
+                return "idle_timeout"
+        return None
+
+    def _reap(self, state: RunnerState, reason: str, now: datetime) -> None:
+        state.reaped = True
+        age = round((now - state.created_at).total_seconds())
+        if state.phase is RunnerPhase.RUNNING:
+            # The reaper for wedged environments: a runner whose job should long be over.
+            self._log.warning(
+                "Runner is over its max_lifetime while running a job; stopping it",
+                name=state.name,
+                age=age,
+                max_lifetime=self._max_lifetime,
+            )
+            state.signal_done()
+        else:
+            # Released like a drained idle runner: deregistered first, so no job lands on it
+            # while it stops; if GitHub says it just took one (409), it is kept.
+            self._log.info("Reaping idle runner", name=state.name, reason=reason, age=age)
+            state.request_release()
+        if self._on_reap is not None:
+            self._on_reap(state.name, reason)
+        self._note_phantom(state, reason)
+
+    def _note_phantom(self, state: RunnerState, reason: str) -> None:
+        """After GitHub incidents TotalAssignedJobs can stay inflated and hold idle runners for
+        jobs that do not exist (actions-runner-controller#4397): say so when idle runners keep
+        being reaped while GitHub reports assigned jobs."""
+        if state.phase is RunnerPhase.RUNNING or self._desired <= 0:
+            self._phantom_reaps = 0
+            return
+        self._phantom_reaps += 1
+        if self._phantom_reaps == PHANTOM_REAPS:
+            self._log.warning(
+                "Idle runners keep being reaped while GitHub reports assigned jobs; its job "
+                "count may be inflated (jobs that no longer exist)",
+                reaped_in_a_row=self._phantom_reaps,
+                assigned_jobs=self._desired,
+                reason=reason,
+            )
+            self._phantom_reaps = 0
 
     # -- start backoff -----------------------------------------------------------------------
 
