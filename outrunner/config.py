@@ -80,6 +80,14 @@ SCALE_SET_NAME_MAX: Final = 64 - len("-") - 8
 _VIRTIOFS_TAG_MAX: Final = 36
 
 
+def _pool_within_max(min_runners: int, max_runners: int | None) -> str | None:
+    """``min_runners`` idle runners must fit under ``max_runners`` (``None``: the flag's value,
+    checked when the Service plans the scale set)."""
+    if max_runners is not None and min_runners > max_runners:
+        return f"min_runners ({min_runners}) must not exceed max_runners ({max_runners})"
+    return None
+
+
 def _scale_set_name(name: str) -> str | None:
     # The name prefixes Docker container names, libvirt domains, Tart VMs and GitHub runner
     # names; Docker's rule ([a-zA-Z0-9][a-zA-Z0-9_.-]*) is the strictest of these.
@@ -151,6 +159,28 @@ def _docker_memory(value: int) -> str | None:
 
 def _not_negative(value: float) -> str | None:
     return f"must be 0 or more, got {value}" if value < 0 else None
+
+
+def _host_port(value: str) -> str | None:
+    """``HOST:PORT``, ``[IPv6]:PORT`` or ``:PORT``; port 0 picks a free one."""
+    try:
+        parse_host_port(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def parse_host_port(value: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` / ``[IPv6]:PORT`` / ``:PORT`` (host ``""``: every address); raises
+    :class:`ValueError` naming what is wrong."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT with a port from 0 to 65535, got {quote(value)}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"an IPv6 address needs brackets, e.g. [::1]:9090, got {quote(value)}")
+    return host, int(port)
 
 
 def _ca_file(path: str) -> str | None:
@@ -383,12 +413,23 @@ class RunnerConfig:
     )
     max_runners: int | None = field(default=None, metadata=rules(positive))
     """``None``: use the global default (the ``--max-runners`` flag)."""
+    min_runners: int = field(default=0, metadata=rules(_not_negative))
+    """Idle runners kept ready for jobs (a warm pool): GitHub's assigned jobs plus this many
+    are wanted, within ``max_runners``."""
+    max_lifetime: float | None = field(default=None, metadata=rules(positive))
+    """Seconds a runner may live (idle or busy) before it is stopped and deregistered: the
+    reaper for wedged environments. ``None``: no limit."""
+    idle_timeout: float | None = field(default=None, metadata=rules(positive))
+    """Seconds a runner may wait idle before it is replaced by a fresh one. ``None``: forever."""
     runner_group: str = field(default="default", metadata=rules(non_blank))
     docker: DockerImage | None = field(default=None, metadata=rules(nullable=False))
     libvirt: LibvirtImage | None = field(default=None, metadata=rules(nullable=False))
     tart: TartImage | None = field(default=None, metadata=rules(nullable=False))
 
-    __schema_checks__: ClassVar[tuple[Check, ...]] = (exactly_one_of(*_BACKENDS),)
+    __schema_checks__: ClassVar[tuple[Check, ...]] = (
+        exactly_one_of(*_BACKENDS),
+        lambda runner: _pool_within_max(runner.min_runners, runner.max_runners),
+    )
 
     @property
     def provider_type(self) -> ProviderType:
@@ -424,6 +465,9 @@ class Config:
     GHES with a private CA); ``""``: the system trust store."""
     drain_timeout: float = field(default=DEFAULT_DRAIN_TIMEOUT, metadata=rules(_not_negative))
     """Seconds SIGTERM/SIGINT lets busy runners finish their jobs; 0 stops them at once."""
+    listen: str = field(default="", metadata=rules(_host_port))
+    """``HOST:PORT`` of the metrics and health HTTP server (``/metrics``, ``/healthz``,
+    ``/readyz``, ``/status``); ``""``: off. The ``--listen`` flag overrides it."""
     state_dir: str = field(default="", metadata=rules(absolute_path))
     """Where the runner journal lives; ``""``: ``$OUTRUNNER_STATE_DIR``, ``$STATE_DIRECTORY``,
     ``/var/lib/outrunner`` (see :func:`outrunner.journal.resolve_state_dir`)."""

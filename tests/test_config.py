@@ -2325,3 +2325,67 @@ def test_random_bytes_only_raise_config_error(tmp_path: Path) -> None:
         path.write_bytes(bytes(data))
         with contextlib.suppress(ConfigError):
             load_config(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Warm pool, lifetimes and the HTTP listener (issue 12)
+
+POOL = """\
+url: https://github.com/org
+runners:
+  linux:
+    labels: [linux]
+    max_runners: 4
+    docker: {image: x}
+"""
+
+
+def test_pool_and_lifetimes_default_to_off(tmp_path: Path) -> None:
+    runner = load(tmp_path, POOL).runners["linux"]
+    assert (runner.min_runners, runner.max_lifetime, runner.idle_timeout) == (0, None, None)
+    assert load(tmp_path, POOL).listen == ""
+
+
+def test_pool_and_lifetimes_are_read(tmp_path: Path) -> None:
+    text = POOL.replace(
+        "    max_runners: 4\n",
+        "    max_runners: 4\n    min_runners: 2\n"
+        "    max_lifetime: 28800\n    idle_timeout: 600.5\n",
+    )
+    config = load(tmp_path, 'listen: "[::1]:9090"\n' + text)
+    runner = config.runners["linux"]
+    assert (runner.min_runners, runner.max_lifetime, runner.idle_timeout) == (2, 28800, 600.5)
+    assert config.listen == "[::1]:9090"
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        (
+            "    min_runners: 5\n",
+            "runners.linux: min_runners (5) must not exceed max_runners (4)",
+        ),
+        ("    min_runners: -1\n", "runners.linux.min_runners: must be 0 or more, got -1"),
+        ("    max_lifetime: 0\n", "runners.linux.max_lifetime: must be greater than 0, got 0"),
+        ("    idle_timeout: -5\n", "runners.linux.idle_timeout: must be greater than 0, got -5"),
+        ('    idle_timeout: "10m"\n', "runners.linux.idle_timeout: expected a number"),
+    ],
+)
+def test_pool_and_lifetime_errors_name_the_key(tmp_path: Path, line: str, message: str) -> None:
+    error = load_error(
+        tmp_path, POOL.replace("    max_runners: 4\n", "    max_runners: 4\n" + line)
+    )
+    assert message in str(error)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("127.0.0.1:99999", "expected HOST:PORT with a port from 0 to 65535"),
+        ("9090", "expected HOST:PORT"),
+        ("::1:9090", "an IPv6 address needs brackets"),
+    ],
+)
+def test_listen_must_be_host_and_port(tmp_path: Path, value: str, message: str) -> None:
+    error = load_error(tmp_path, f'listen: "{value}"\n' + POOL)
+    assert f"listen: {message}" in str(error)
