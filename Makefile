@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 EXTRAS ?= dev,docker$(shell pkg-config --exists libvirt 2>/dev/null && echo ,libvirt)
 CONFIG ?=
 
-.PHONY: venv test lint typecheck pytest run clean
+.PHONY: venv wheelhouse test lint typecheck pytest run clean
 
 # The stamp names the extras, so a venv made before the libvirt headers arrived is completed later.
 comma := ,
@@ -22,6 +22,22 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# Wheels of everything `pip install 'outrunner[docker,testing]'` needs, and of the build backend
+# (pyproject.toml's [build-system] requires), so that tests/test_install.py and the Containerfile
+# test build and install outrunner with --no-index: the tests never reach a package index.
+WHEELHOUSE := $(VENV)/wheelhouse
+WHEELHOUSE_STAMP := $(VENV)/.wheelhouse
+BUILD_REQUIRES = $$($(BIN)/python -c 'import tomllib; \
+	print(*tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"])')
+
+$(WHEELHOUSE_STAMP): pyproject.toml | $(STAMP)
+	rm -rf $(WHEELHOUSE)
+	$(BIN)/python -m pip download --quiet --only-binary :all: --dest $(WHEELHOUSE) \
+		".[docker,testing]" $(BUILD_REQUIRES)
+	touch $@
+
+wheelhouse: $(WHEELHOUSE_STAMP)
+
 lint: venv
 	$(BIN)/ruff check outrunner examples tests bench typings
 	$(BIN)/ruff format --check outrunner examples tests bench typings
@@ -29,7 +45,7 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy --strict outrunner examples bench
 
-pytest: venv
+pytest: venv wheelhouse
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test: lint typecheck pytest

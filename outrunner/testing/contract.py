@@ -36,7 +36,14 @@ import secrets
 from collections.abc import AsyncIterator
 from typing import Any, ClassVar, Generic, TypeVar
 
-import pytest
+try:
+    import pytest
+except ImportError as exc:  # the base install has no pytest: say which extra brings it
+    raise ImportError(
+        "outrunner.testing.contract is a pytest suite and needs pytest: "
+        "pip install 'outrunner[testing]'",
+        name=exc.name,
+    ) from exc
 
 from outrunner._aio import cancel_and_wait
 from outrunner.provisioner import (
