@@ -169,9 +169,7 @@ class Scaler:
             raise ValueError(f"max_runners must be >= 0, got {max_runners}")
         if min_runners < 0:
             raise ValueError(f"min_runners must be >= 0, got {min_runners}")
-        for what, limit in (("max_lifetime", max_lifetime), ("idle_timeout", idle_timeout)):
-            if limit is not None and limit <= 0:
-                raise ValueError(f"{what} must be more than 0 seconds, got {limit}")
+        _check_lifetimes(max_lifetime, idle_timeout)
         if jit_concurrency < 1:
             raise ValueError(f"jit_concurrency must be >= 1, got {jit_concurrency}")
         self._client = client
@@ -243,6 +241,29 @@ class Scaler:
         if value < 0:
             raise ValueError(f"min_runners must be >= 0, got {value}")
         self._min_runners = value
+
+    @property
+    def runner_config(self) -> RunnerConfig:
+        """The runner entry new runners are made from (labels, backend options)."""
+        return self._runner_config
+
+    @runner_config.setter
+    def runner_config(self, runner: RunnerConfig) -> None:
+        # Runners already tracked keep what they were started with; their requests hold it.
+        self._runner_config = runner
+
+    def set_lifetimes(self, max_lifetime: float | None, idle_timeout: float | None) -> None:
+        """Change ``max_lifetime`` and ``idle_timeout`` (seconds, None: off) for every runner,
+        tracked ones included, from the next reaper round on."""
+        _check_lifetimes(max_lifetime, idle_timeout)
+        self._max_lifetime, self._idle_timeout = max_lifetime, idle_timeout
+        self._start_reaper()
+
+    def rebalance(self) -> None:
+        """Act on the last demand again now (after ``max_runners`` or ``min_runners`` changed),
+        rather than at the next message from GitHub."""
+        if not self.draining and self.scale_set_id:
+            self._schedule_start_retry()
 
     @property
     def draining(self) -> bool:
@@ -457,11 +478,12 @@ class Scaler:
         self._runners[state.name] = state
         self._empty.clear()
         self._notify(state)
-        if (
-            (self._max_lifetime or self._idle_timeout)
-            and self._reaper is None
-            and not self.draining
-        ):
+        self._start_reaper()
+
+    def _start_reaper(self) -> None:
+        """One reaper per Scaler, once a lifetime is set and a runner is tracked."""
+        wanted = (self._max_lifetime or self._idle_timeout) and self._runners
+        if wanted and self._reaper is None and not self.draining:
             self._reaper = asyncio.create_task(self._reap_loop(), name=f"reaper:{self._prefix}")
 
     # -- a runner's life ---------------------------------------------------------------------
@@ -931,6 +953,12 @@ def _environment_of(runner: RunnerConfig) -> dict[str, object]:
     if runner.tart is not None:
         return {"image": runner.tart.image}
     return {}
+
+
+def _check_lifetimes(max_lifetime: float | None, idle_timeout: float | None) -> None:
+    for what, limit in (("max_lifetime", max_lifetime), ("idle_timeout", idle_timeout)):
+        if limit is not None and limit <= 0:
+            raise ValueError(f"{what} must be more than 0 seconds, got {limit}")
 
 
 def _backend_of(runner: RunnerConfig) -> str:

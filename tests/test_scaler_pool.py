@@ -219,3 +219,22 @@ async def test_idle_reaps_while_github_reports_assigned_jobs_are_reported(
 async def test_lifetimes_must_be_positive(key: str) -> None:
     with pytest.raises(ValueError, match=f"{key} must be more than 0 seconds"):
         fast_scaler(FakeClient(), InMemoryProvisioner(), **{key: 0})
+
+
+async def test_lifetimes_and_pool_change_at_run_time() -> None:
+    """What a reload applies: a new idle_timeout reaps runners already tracked, and a larger
+    min_runners fills the pool at once (rebalance), without a message from GitHub."""
+    client, prov, clock = FakeClient(), InMemoryProvisioner(), FakeClock()
+    s, reaps = pool_scaler(client, prov, clock, max_runners=4)
+    await s.handle_desired_runner_count(1)
+    await eventually(lambda: phases(s) == [RunnerPhase.IDLE])
+    (old,) = (r.name for r in s.runners())
+    s.min_runners = 2
+    s.rebalance()
+    await eventually(lambda: phases(s) == [RunnerPhase.IDLE] * 3)
+    s.set_lifetimes(None, 30)
+    clock.advance(31)
+    await eventually(lambda: (old, "idle_timeout") in reaps)
+    with pytest.raises(ValueError, match="idle_timeout must be more than 0 seconds"):
+        s.set_lifetimes(None, 0)
+    await s.shutdown(5)
