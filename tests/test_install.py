@@ -3,8 +3,9 @@
 One module fixture builds the wheel from a copy of the working tree and installs
 ``outrunner[docker]`` into a new venv (``python -m venv``, no system site-packages), both with
 ``--no-index`` from ``.venv/wheelhouse`` (``make wheelhouse``; see tests/support/install.py):
-nothing here reaches a package index. About 10 s: building the wheel 4 s, installing 3 s. The tests then run the installed ``outrunner`` the way an
-operator does, from a directory outside the checkout so that nothing is imported from it.
+nothing here reaches a package index. About 10 s: building the wheel 4 s, installing 3 s. The
+tests then run the installed ``outrunner`` the way an operator does, from a directory outside the
+checkout so that nothing is imported from it.
 
 ``outrunner demo`` runs on Docker when an engine answers (the ``docker`` extra is installed) and
 on in-memory environments otherwise, so this module needs no engine.
