@@ -18,7 +18,7 @@ import os
 import re
 import ssl
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Final, Literal
 
@@ -45,6 +45,9 @@ from outrunner._schema import (
     unique_keys_ignoring_case,
     without_chars,
 )
+from outrunner.scaleset.auth import APP_EXTRA_HINT, GitHubApp, load_app_private_key
+from outrunner.scaleset.errors import InvalidConfigURLError
+from outrunner.scaleset.urls import Scope, parse_config_url
 
 __all__ = [
     "Config",
@@ -52,8 +55,10 @@ __all__ = [
     "ConfigProblem",
     "DockerImage",
     "DockerMount",
+    "GitHubAppConfig",
     "LibvirtImage",
     "LibvirtMount",
+    "ResolvedApp",
     "ResolvedToken",
     "RunnerConfig",
     "TartImage",
@@ -61,6 +66,7 @@ __all__ = [
     "load_config",
     "read_token_file",
     "resolve_runner_ca_file",
+    "resolve_runner_credentials",
     "resolve_runner_token",
     "resolve_runner_token_source",
     "resolve_runner_url",
@@ -382,6 +388,44 @@ class TartImage:
     """Seconds ``tart exec <vm> echo ok`` may take to start succeeding after ``tart run``."""
 
 
+@dataclass(frozen=True)
+class GitHubAppConfig:
+    """A GitHub App installation to authenticate with, instead of a token (``app:``).
+
+    The key file is read when the credentials are resolved, like a token file, not when the
+    config is loaded (see :func:`resolve_runner_credentials`).
+    """
+
+    client_id: str | None = field(
+        default=None, metadata=rules(non_blank, _no_whitespace, nullable=False)
+    )
+    """The App's client id (``Iv1.…``, ``Iv23…``); GitHub's recommended JWT issuer."""
+    app_id: int | None = field(default=None, metadata=rules(positive, nullable=False))
+    """The App's numeric id, accepted instead of ``client_id``."""
+    installation_id: int = field(default=0, metadata=rules(positive, required=True))
+    private_key_file: str = field(
+        default="",
+        metadata=rules(non_blank, no_tilde, required=True, relative_to_file=True),
+    )
+    """The App's PEM private key; relative paths are resolved against the config file."""
+
+    __schema_checks__: ClassVar[tuple[Check, ...]] = (exactly_one_of("client_id", "app_id"),)
+
+    @property
+    def issuer(self) -> str:
+        """The JWT issuer: the client id, or the App id."""
+        return self.client_id or str(self.app_id or "")
+
+
+def _one_credential(obj: RunnerConfig | Config) -> str | None:
+    if obj.token_file and obj.app is not None:
+        return (
+            "token_file and app cannot both be set: use a token or a GitHub App, not both "
+            f"(token_file {quote(obj.token_file, limit=None)})"
+        )
+    return None
+
+
 Backend = DockerImage | LibvirtImage | TartImage
 _BACKENDS: Final[tuple[ProviderType, ...]] = ("docker", "libvirt", "tart")
 
@@ -390,8 +434,8 @@ _BACKENDS: Final[tuple[ProviderType, ...]] = ("docker", "libvirt", "tart")
 class RunnerConfig:
     """One runner definition: a scale set and the environment each of its runners gets.
 
-    ``url``, ``token_file`` and ``ca_file`` are per-runner overrides; empty means "use the global
-    ones".
+    ``url``, ``token_file``, ``app`` and ``ca_file`` are per-runner overrides; empty means "use
+    the global ones". A runner sets at most one of ``token_file`` and ``app``.
     Every field has a default so code (and tests) can build partial instances;
     :func:`load_config` enforces the required keys.
     """
@@ -400,6 +444,8 @@ class RunnerConfig:
     """The scale set name: the key of this entry under ``runners``."""
     url: str = field(default="", metadata=rules(http_url))
     token_file: str = field(default="", metadata=rules(non_blank, no_tilde, relative_to_file=True))
+    app: GitHubAppConfig | None = field(default=None, metadata=rules(nullable=False))
+    """This runner's GitHub App, instead of any token (and of the global ``app``)."""
     ca_file: str = field(default="", metadata=_CA_FILE_RULES)
     """PEM CA bundle that verifies this runner's GitHub (instead of the system trust store)."""
     labels: tuple[str, ...] = field(
@@ -429,6 +475,7 @@ class RunnerConfig:
     __schema_checks__: ClassVar[tuple[Check, ...]] = (
         exactly_one_of(*_BACKENDS),
         lambda runner: _pool_within_max(runner.min_runners, runner.max_runners),
+        _one_credential,
     )
 
     @property
@@ -460,6 +507,10 @@ class Config:
 
     url: str = field(default="", metadata=rules(http_url))
     token_file: str = field(default="", metadata=rules(non_blank, no_tilde, relative_to_file=True))
+    app: GitHubAppConfig | None = field(default=None, metadata=rules(nullable=False))
+    """The GitHub App of runners without their own ``token_file`` or ``app``; it beats
+    ``GITHUB_TOKEN`` and the systemd credential, not ``--token`` (see
+    :func:`resolve_runner_credentials`)."""
     ca_file: str = field(default="", metadata=_CA_FILE_RULES)
     """PEM CA bundle that verifies GitHub's certificate instead of the system trust store (a
     GHES with a private CA); ``""``: the system trust store."""
@@ -482,6 +533,8 @@ class Config:
         ),
     )
     """Scale set name -> runner, in file order."""
+
+    __schema_checks__: ClassVar[tuple[Check, ...]] = (_one_credential,)
 
 
 # --------------------------------------------------------------------------------------------
@@ -701,6 +754,178 @@ def resolve_runner_token_source(
         assert token is not None
         return ResolvedToken(token, f"{origin} {runner.token_file}")
     return _resolve_token(flag_token, cfg, flag_origin)
+
+
+@dataclass(frozen=True)
+class ResolvedApp:
+    """A GitHub App installation to authenticate with: its ids, its private key (read and
+    parsed), and the setting it came from (for messages; the key itself is never shown)."""
+
+    client_id: str
+    """``""`` when the App is named by ``app_id``."""
+    app_id: int | None
+    installation_id: int
+    private_key: str = field(repr=False)
+    """The PEM text of the key file."""
+    key_file: str
+    origin: str
+    """``"GitHub App Iv1.abc installation 42 (app, key /etc/outrunner/app.pem)"``; the setting is
+    ``app`` or ``runners.<name>.app``."""
+    ignored: tuple[str, ...] = ()
+    """Token sources that were set but lost to a top-level ``app`` (``"GITHUB_TOKEN"``,
+    ``"systemd credential <path>"``), so the caller can warn about them."""
+
+    @property
+    def issuer(self) -> str:
+        """The JWT issuer: the client id, or the App id."""
+        return self.client_id or str(self.app_id or "")
+
+    def credentials(
+        self,
+        *,
+        register_secret: Callable[[str], None] | None = None,
+        unregister_secret: Callable[[str], None] | None = None,
+    ) -> GitHubApp:
+        """The scale set client's credentials for this App (see :class:`GitHubApp` for the
+        secret hooks, e.g. :func:`outrunner.log.register_secret`)."""
+        return GitHubApp(
+            self.client_id or self.app_id or 0,
+            self.installation_id,
+            self.private_key,
+            register_secret=register_secret,
+            unregister_secret=unregister_secret,
+        )
+
+
+def resolve_runner_credentials(
+    flag_token: str | None,
+    cfg: Config,
+    runner: RunnerConfig,
+    *,
+    url: str,
+    flag_origin: str = "--token",
+) -> ResolvedToken | ResolvedApp:
+    """What a runner authenticates with: a token or a GitHub App, from the first source set.
+
+    1. the runner's ``app`` or ``token_file`` (at most one is set; each beats even ``--token``:
+       they exist to give that runner a different identity),
+    2. ``flag_token`` (``--token`` / ``--token-file``; ``flag_origin`` names it),
+    3. the top-level ``app``,
+    4. ``GITHUB_TOKEN``, 5. ``$CREDENTIALS_DIRECTORY/github-token``, 6. the top-level
+       ``token_file`` (as :func:`resolve_token`).
+
+    A top-level ``app`` beats the environment because it is written in the config on purpose,
+    while ``GITHUB_TOKEN`` is often inherited from a shell or an old unit file: a leftover
+    personal token must not quietly replace the App (:attr:`ResolvedApp.ignored` lists such
+    leftovers). The command line still wins, as a deliberate override.
+
+    ``url`` is the runner's resolved URL (:func:`resolve_runner_url`): an App cannot register
+    enterprise runners, so an App for an enterprise URL is a :class:`ConfigError`. The App's key
+    file is read and parsed here (a :class:`ConfigError` naming the setting and the file when it
+    is missing, unreadable, not an unencrypted PEM RSA private key, or PyJWT is not installed);
+    messages never contain key material.
+    """
+    # Checked again for configs built in code, which load_config did not see.
+    for obj, key in ((runner, _runner_key(runner)), (cfg, "top level")):
+        problem = _one_credential(obj)
+        if problem is not None:
+            raise ConfigError(f"{key}: {problem}")
+    resolved: ResolvedToken | ResolvedApp
+    if runner.app is not None:
+        resolved = _resolve_app(runner.app, f"{_runner_key(runner)}.app")
+    elif runner.token_file or (flag_token and flag_token.strip()) or cfg.app is None:
+        return resolve_runner_token_source(flag_token, cfg, runner, flag_origin=flag_origin)
+    else:
+        resolved = _resolve_app(cfg.app, "app", ignored=_shadowed_token_sources())
+    _check_app_scope(resolved, url, runner)
+    return resolved
+
+
+def _resolve_app(
+    app: GitHubAppConfig, origin: str, *, ignored: tuple[str, ...] = ()
+) -> ResolvedApp:
+    path = app.private_key_file
+    where = f"{origin}.private_key_file {quote(path, limit=None)}"
+    pem = _read_private_key_file(path, where)
+    try:
+        import jwt  # noqa: F401 - GitHubApp needs it: say so now, not at start-up
+
+        load_app_private_key(pem)
+    except ImportError as exc:
+        raise ConfigError(
+            f"{origin}: GitHub App authentication needs PyJWT with its crypto extra "
+            f"({APP_EXTRA_HINT})"
+        ) from exc
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return ResolvedApp(
+        client_id=app.client_id or "",
+        app_id=app.app_id,
+        installation_id=app.installation_id,
+        private_key=pem,
+        key_file=path,
+        origin=(
+            f"GitHub App {app.issuer} installation {app.installation_id} ({origin}, key {path})"
+        ),
+        ignored=ignored,
+    )
+
+
+def _shadowed_token_sources() -> tuple[str, ...]:
+    found = []
+    if os.environ.get("GITHUB_TOKEN", "").strip():
+        found.append("GITHUB_TOKEN")
+    credentials_dir = os.environ.get("CREDENTIALS_DIRECTORY", "")
+    if credentials_dir:
+        path = os.path.join(credentials_dir, "github-token")
+        if os.path.exists(path):
+            found.append(f"systemd credential {path}")
+    return tuple(found)
+
+
+def _check_app_scope(resolved: ResolvedApp, url: str, runner: RunnerConfig) -> None:
+    try:
+        scope = parse_config_url(url).scope if url else None
+    except InvalidConfigURLError:
+        return  # reported where the URL is used
+    if scope is Scope.ENTERPRISE:
+        name = f"runner {quote(runner.name)}: " if runner.name else ""
+        raise ConfigError(
+            f"{name}{resolved.origin} cannot register runners for the enterprise URL {url}: "
+            "GitHub Apps are installed on organizations and repositories, not enterprises; use "
+            "a personal access token (classic) with the manage_runners:enterprise scope, or an "
+            "organization URL"
+        )
+
+
+# A PEM RSA key is 1.7 KiB (2048 bits) to 3.3 KiB (4096); anything past this is a wrong path.
+_MAX_KEY_BYTES: Final = 64 * 1024
+
+
+def _read_private_key_file(path: str, where: str) -> str:
+    try:
+        # Reading a FIFO or /dev/zero would never end.
+        regular = stat.S_ISREG(os.stat(path).st_mode)
+        data = b""
+        if regular:
+            with open(path, "rb") as f:
+                data = f.read(_MAX_KEY_BYTES + 1)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"cannot read {where}: file not found") from exc
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(f"cannot read {where}: {reason}") from exc
+    if not regular:
+        raise ConfigError(f"cannot read {where}: not a regular file")
+    if len(data) > _MAX_KEY_BYTES:
+        raise ConfigError(f"{where} is larger than {_MAX_KEY_BYTES} bytes; not a private key")
+    try:
+        return data.decode("ascii")
+    except UnicodeDecodeError:
+        # from None: the decode error carries the file's bytes.
+        raise ConfigError(
+            f"{where}: not a PEM file (it is binary; DER keys are not supported)"
+        ) from None
 
 
 def read_token_file(path: str, origin: str) -> str:

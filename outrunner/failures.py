@@ -4,7 +4,10 @@
   409 session conflict, an expired session or message-queue token. The worker retries setup or
   reconnects its session with backoff, forever; every runner keeps running.
 * **permanent**: the token exchange refusing the credentials (401/403, or 404 for an unknown
-  organization or repository), an unknown runner group, a TLS certificate that does not verify,
+  organization or repository; for a GitHub App also its installation-token request: a JWT signed
+  with the wrong key or refused for its times, an unknown or suspended installation, each a
+  :class:`~outrunner.scaleset.GitHubAppError` naming the App and installation), an unknown
+  runner group, a TLS certificate that does not verify,
   an invalid URL or scheme, a redirect loop, a bad configuration. At start-up the run ends with
   one ``outrunner: error:`` line (exit 1); after start-up that scale set stops (it stops taking
   work and lets its busy runners finish first), the others keep serving, and the process exits 1
@@ -20,6 +23,7 @@ from __future__ import annotations
 from enum import StrEnum
 
 from outrunner.config import ConfigError
+from outrunner.scaleset.auth import GitHubAppError
 from outrunner.scaleset.errors import (
     InvalidConfigURLError,
     MessageQueueTokenExpiredError,
@@ -58,6 +62,8 @@ def classify(exc: BaseException) -> Failure:
         return Failure.PERMANENT
     if isinstance(exc, SessionConflictError | SessionExpiredError | MessageQueueTokenExpiredError):
         return Failure.TRANSIENT
+    if isinstance(exc, GitHubAppError) and exc.status in (401, 403, 404):
+        return Failure.PERMANENT  # the App's key, id, installation or permissions are wrong
     if isinstance(exc, StatusError):
         if exc.status in (401, 403, 404) and _is_token_exchange(exc.url):
             return Failure.PERMANENT

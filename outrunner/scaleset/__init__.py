@@ -3,7 +3,7 @@
 This package imports nothing from the rest of outrunner.
 """
 
-from outrunner.scaleset.auth import Credentials, PersonalAccessToken
+from outrunner.scaleset.auth import Credentials, GitHubApp, GitHubAppError, PersonalAccessToken
 from outrunner.scaleset.client import Client, SystemInfo
 from outrunner.scaleset.errors import (
     InvalidConfigURLError,
@@ -59,6 +59,8 @@ __all__ = [
     "NIL_SESSION_ID",
     "Client",
     "Credentials",
+    "GitHubApp",
+    "GitHubAppError",
     "GitHubConfig",
     "InvalidConfigURLError",
     "JitRunnerConfig",

@@ -26,10 +26,11 @@ token is accepted); ``acquire_mode=False`` (older-GHES flow, below); ``owner="oc
 known); ``remove_agent_on_completion=True``; ``message_queue_query=None`` (e.g. ``"sig=abc"``: the
 ``messageQueueUrl`` then carries that query and message GET/DELETE answer 400 without it, which
 checks that the client merges ``lastMessageId`` into an existing query); ``app_client_id=None`` and
-``app_installation_id=None`` (when set, the App JWT's ``iss`` and the installation id must match);
-``session_idle_timeout=None`` (seconds; when set, a session that has not polled for that long,
-counting from the end of its last message GET, or from its creation, expires as with
-``expire_sessions()``: see Sessions below).
+``app_installation_id=None`` (when set, the App JWT's ``iss`` and the installation id must match;
+without ``add_app`` only); ``installation_token_ttl=3600.0`` (seconds an App installation token
+lives; shorten it to test refreshing); ``session_idle_timeout=None`` (seconds; when set, a
+session that has not polled for that long, counting from the end of its last message GET, or from
+its creation, expires as with ``expire_sessions()``: see Sessions below).
 
 Addresses: ``gh.url`` (``http://127.0.0.1:PORT``), ``gh.api_url`` (``<url>/api/v3``),
 ``gh.base_url`` (Actions service, ``<url>/tenant/1``; runner-registration returns it with a trailing
@@ -43,9 +44,15 @@ GitHub REST API (GHES mode, so under ``/api/v3``; errors are ``{"message", "docu
   (REGISTRATION_TOKEN): ``Authorization: Bearer <PAT or installation token>`` (or ``token ...``);
   201 ``{"token", "expires_at"}``; 401 bad credentials; 404 unknown org or repo.
 * ``POST /api/v3/app/installations/{id}/access_tokens`` (APP_ACCESS_TOKEN): ``Bearer <App JWT>``
-  with 3 segments, ``alg`` RS256, numeric ``iat`` and ``exp``, ``exp`` in the future and at most
-  10 min after ``iat``, ``iss`` present (the signature is not verified); 201
-  ``{"token": "ghs_...", "expires_at"}``; 401 with the reason.
+  with 3 segments, ``alg`` RS256, numeric ``iat`` and ``exp``, ``iat`` not in the future, ``exp``
+  in the future and at most 10 min ahead (of now and of ``iat``; 60 s of clock slack each), ``iss``
+  present; 201 ``{"token": "ghs_...", "expires_at"}`` (``installation_token_ttl`` from now); 401
+  with GitHub's reason ("A JSON web token could not be decoded", "'Expiration time' claim
+  ('exp') is too far in the future", ...). Once an App is registered with ``add_app``, the JWT
+  must also name one in ``iss`` (401 "Integration not found") and carry its RS256 signature
+  (401 "A JSON web token could not be decoded"; verified with PyJWT, the ``app`` extra), and the
+  installation must be that App's (404 "Not Found"); a suspended one answers 403. Without
+  ``add_app`` the signature is not checked (and PyJWT is not needed).
 * ``POST /api/v3/actions/runner-registration`` (RUNNER_REGISTRATION):
   ``Authorization: RemoteAuth <registration token>``; body ``{"url": <config URL>,
   "runner_event": "register"}`` whose path must name the token's scope; 201 ``{"url": "<base>/",
@@ -173,6 +180,9 @@ Test controls and inspection
   ``"outage"``), ``requests_to(endpoint)``, ``clear_requests()``.
 * ``wait_for(predicate, timeout=10)``, ``wait_until_jobs_completed(n, timeout=10)`` and their
   ``..._async`` twins for event-loop tests; they raise ``TimeoutError``.
+* GitHub Apps: ``add_app(client_id, installation_id, public_key_pem, *, app_id=None) ->
+  FakeApp``; ``generate_key_pair(bits=2048) -> (private_pem, public_pem)`` (module function);
+  ``suspend_app_installation(id, suspended=True)``; ``expire_installation_tokens()``.
 * ``expire_admin_tokens()``, ``expire_queue_tokens()``, ``expire_sessions()``;
   ``revoke_credentials()`` (the PAT or App is revoked: registration-token answers 401 and every
   admin and queue token issued so far stops working).
@@ -201,6 +211,7 @@ Test controls and inspection
   active one answers.
 """
 
+from outrunner.testing.fakegithub.apps import FakeApp, generate_key_pair
 from outrunner.testing.fakegithub.endpoints import Endpoint
 from outrunner.testing.fakegithub.model import (
     JobInfo,
@@ -217,6 +228,7 @@ from outrunner.testing.fakegithub.server import FakeGitHub
 
 __all__ = [
     "Endpoint",
+    "FakeApp",
     "FakeGitHub",
     "JobInfo",
     "JobState",
@@ -227,4 +239,5 @@ __all__ = [
     "ScaleSetInfo",
     "SessionInfo",
     "Statistics",
+    "generate_key_pair",
 ]

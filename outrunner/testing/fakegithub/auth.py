@@ -11,22 +11,67 @@ import time
 from datetime import UTC, datetime
 
 from outrunner.testing.fakegithub import tokens
+from outrunner.testing.fakegithub.apps import FakeApp, load_public_key
 
 # GitHub's registration and installation tokens live one hour.
 _GITHUB_TOKEN_TTL = 3600.0
 
 
 class Credentials:
-    def __init__(self, *, pat: str | None, owner: str, repo: str | None, admin_token_ttl: float):
+    def __init__(
+        self,
+        *,
+        pat: str | None,
+        owner: str,
+        repo: str | None,
+        admin_token_ttl: float,
+        installation_token_ttl: float = _GITHUB_TOKEN_TTL,
+    ):
         self._pat = pat
         self._owner = owner
         self._repo = repo
         self._admin_token_ttl = admin_token_ttl
+        self._installation_token_ttl = installation_token_ttl
         self._lock = threading.Lock()
         self._admin_tokens: dict[str, float] = {}
         self._registration_tokens: dict[str, tuple[float, str]] = {}
         self._installation_tokens: dict[str, float] = {}
+        self._apps: dict[int, FakeApp] = {}  # by installation id
+        self._suspended: set[int] = set()
         self._revoked = False
+
+    def add_app(self, app: FakeApp) -> None:
+        load_public_key(app.public_key_pem)  # a bad key fails here, not at the first request
+        with self._lock:
+            if app.installation_id in self._apps:
+                raise ValueError(f"installation {app.installation_id} is already registered")
+            self._apps[app.installation_id] = app
+
+    def apps(self) -> list[FakeApp]:
+        with self._lock:
+            return list(self._apps.values())
+
+    def installation_status(self, app: FakeApp, installation_id: int) -> int:
+        """201 when ``app`` may get a token for the installation, 404 when the installation is
+        not its (or does not exist), 403 when it is suspended."""
+        with self._lock:
+            if self._apps.get(installation_id) != app:
+                return 404
+            return 403 if installation_id in self._suspended else 201
+
+    def suspend_installation(self, installation_id: int, suspended: bool = True) -> None:
+        with self._lock:
+            if installation_id not in self._apps:
+                raise KeyError(f"no App installation {installation_id}")
+            if suspended:
+                self._suspended.add(installation_id)
+            else:
+                self._suspended.discard(installation_id)
+
+    def expire_installation_tokens(self) -> None:
+        with self._lock:
+            for token in self._installation_tokens:
+                self._installation_tokens[token] = 0.0
 
     def scope_exists(self, scope: str) -> bool:
         """Whether a registration-token scope (``org``, ``org/repo``, ``enterprises/e``) is one
@@ -53,8 +98,9 @@ class Credentials:
     def issue_installation_token(self) -> tuple[str, datetime]:
         with self._lock:
             token = tokens.new_secret("ghs_", 27)
-            self._installation_tokens[token] = time.time() + _GITHUB_TOKEN_TTL
-            return token, _expiry(_GITHUB_TOKEN_TTL)
+            ttl = self._installation_token_ttl
+            self._installation_tokens[token] = time.time() + ttl
+            return token, _expiry(ttl)
 
     def issue_registration_token(self, scope: str) -> tuple[str, datetime]:
         with self._lock:

@@ -36,6 +36,7 @@ class Settings:
     app_client_id: str | None
     app_installation_id: int | None
     session_idle_timeout: float | None = None
+    installation_token_ttl: float = 3600.0
 
 
 @dataclass(kw_only=True)

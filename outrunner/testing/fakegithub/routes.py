@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from outrunner.testing.fakegithub import tokens
+from outrunner.testing.fakegithub.apps import check_signed_app_jwt
 from outrunner.testing.fakegithub.endpoints import Endpoint
 from outrunner.testing.fakegithub.errors import (
     SERVICES,
@@ -416,22 +417,33 @@ class Router:
     def _app_access_token(
         self, request: Request, context: _Context, params: Mapping[str, str]
     ) -> Response:
-        settings = self.state.settings
+        credentials = self.state.credentials
         token = context.credential(request)
-        problem = (
-            "Bearer authentication is required"
-            if context.auth_scheme != "Bearer"
-            else tokens.check_app_jwt(token, client_id=settings.app_client_id)
-        )
+        installation = int(params["installation"])
+        apps = credentials.apps()
+        if context.auth_scheme != "Bearer":
+            problem: str | None = "Bearer authentication is required"
+        elif apps:
+            # Registered Apps: the JWT must be signed with the key of the App it names.
+            app, problem = check_signed_app_jwt(token, apps)
+        else:
+            # No App registered: any well-formed JWT (the legacy app_client_id mode).
+            app, problem = (
+                None,
+                tokens.check_app_jwt(token, client_id=self.state.settings.app_client_id),
+            )
         context.auth_valid = problem is None
         if problem is not None:
             raise ApiError(401, problem, rest=True)
-        installation = int(params["installation"])
-        if settings.app_installation_id is not None and installation != (
-            settings.app_installation_id
-        ):
+        if app is not None:
+            status = credentials.installation_status(app, installation)
+            if status == 404:
+                raise ApiError(404, "Not Found", rest=True)
+            if status == 403:
+                raise ApiError(403, "This installation has been suspended", rest=True)
+        elif self.state.settings.app_installation_id not in (None, installation):
             raise ApiError(404, "Not Found", rest=True)
-        issued, expires = self.state.credentials.issue_installation_token()
+        issued, expires = credentials.issue_installation_token()
         return json_response(
             201, {"token": issued, "expires_at": expires.strftime("%Y-%m-%dT%H:%M:%SZ")}
         )

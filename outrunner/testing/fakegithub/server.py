@@ -20,6 +20,7 @@ from types import TracebackType
 from typing import Any, Self
 from urllib.parse import parse_qsl, urlsplit
 
+from outrunner.testing.fakegithub.apps import FakeApp
 from outrunner.testing.fakegithub.endpoints import AGENT_ENDPOINTS, SERVICE_ENDPOINTS, Endpoint
 from outrunner.testing.fakegithub.entities import Settings
 from outrunner.testing.fakegithub.faults import Fault, FaultPlan, failure
@@ -187,9 +188,12 @@ class FakeGitHub:
         app_client_id: str | None = None,
         app_installation_id: int | None = None,
         session_idle_timeout: float | None = None,
+        installation_token_ttl: float = 3600.0,
     ) -> None:
         if session_idle_timeout is not None and session_idle_timeout <= 0:
             raise ValueError("session_idle_timeout must be positive (or None: never)")
+        if installation_token_ttl <= 0:
+            raise ValueError("installation_token_ttl must be positive")
         self._address = (host, port)
         self._state = State(
             Settings(
@@ -205,6 +209,7 @@ class FakeGitHub:
                 app_client_id=app_client_id,
                 app_installation_id=app_installation_id,
                 session_idle_timeout=session_idle_timeout,
+                installation_token_ttl=installation_token_ttl,
             )
         )
         self._faults = FaultPlan()
@@ -366,6 +371,42 @@ class FakeGitHub:
     def generate_jit_config(self, scale_set_id: int, runner_name: str) -> str:
         """Register a runner as generatejitconfig does; returns its ``encodedJITConfig``."""
         return self._state.generate_jit_config(scale_set_id, runner_name)
+
+    def add_app(
+        self,
+        client_id: str,
+        installation_id: int,
+        public_key_pem: str,
+        *,
+        app_id: int | None = None,
+    ) -> FakeApp:
+        """Register a GitHub App installed once (as ``installation_id``); returns it.
+
+        From then on ``access_tokens`` verifies every JWT: it must name a registered App in
+        ``iss`` (its ``client_id`` or ``app_id``) and carry that App's RS256 signature (needs
+        PyJWT[crypto]), and the installation must be that App's (else 404). Keys:
+        :func:`outrunner.testing.fakegithub.generate_key_pair`.
+        """
+        if isinstance(installation_id, bool) or installation_id <= 0:
+            raise ValueError("installation_id must be a positive integer")
+        app = FakeApp(
+            client_id=client_id,
+            app_id=app_id,
+            installation_id=installation_id,
+            public_key_pem=public_key_pem,
+        )
+        self._state.credentials.add_app(app)
+        return app
+
+    def suspend_app_installation(self, installation_id: int, suspended: bool = True) -> None:
+        """Suspend (or with ``suspended=False`` unsuspend) an App installation: its
+        ``access_tokens`` requests answer 403 "This installation has been suspended"."""
+        self._state.credentials.suspend_installation(installation_id, suspended)
+
+    def expire_installation_tokens(self) -> None:
+        """Make every installation token issued so far invalid before its ``expires_at`` (as
+        when an App is reinstalled or its token revoked): registration-token answers 401."""
+        self._state.credentials.expire_installation_tokens()
 
     def expire_admin_tokens(self) -> None:
         """Make every admin token issued so far invalid (401 on Actions-service calls)."""

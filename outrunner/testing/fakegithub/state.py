@@ -96,6 +96,7 @@ class State:
             owner=settings.owner,
             repo=settings.repo,
             admin_token_ttl=settings.admin_token_ttl,
+            installation_token_ttl=settings.installation_token_ttl,
         )
         self.lock = threading.RLock()
         self.changed = threading.Condition(self.lock)

@@ -1,9 +1,10 @@
 """Random secrets and the unsigned-but-well-formed JWTs the fake hands out and accepts.
 
 No crypto dependency: the admin token only has to *parse* like a JWT (the client reads ``exp``
-without verifying the signature, docs/protocol.md §2.4), so its signature is random bytes. For the
-same reason the fake cannot verify a GitHub App JWT's RS256 signature; it checks the structure and
-the claims GitHub checks (``iss``, ``iat``, ``exp`` at most 10 minutes after ``iat``).
+without verifying the signature, docs/protocol.md §2.4), so its signature is random bytes.
+:func:`check_app_jwt` checks a GitHub App JWT's structure and the claims GitHub checks (``iss``,
+``iat``, ``exp`` at most 10 minutes ahead); the RS256 signature is verified in
+:mod:`.apps`, with PyJWT, for Apps registered with their public key.
 """
 
 from __future__ import annotations
@@ -98,7 +99,9 @@ def check_app_jwt(token: str, *, client_id: str | None, now: float | None = None
         return (
             "'Expiration time' claim ('exp') must be a numeric value representing the future time"
         )
-    if exp - iat > _APP_JWT_MAX_LIFETIME + _CLOCK_SKEW:
+    if exp - iat > _APP_JWT_MAX_LIFETIME + _CLOCK_SKEW or (
+        exp > current + _APP_JWT_MAX_LIFETIME + _CLOCK_SKEW
+    ):
         return "'Expiration time' claim ('exp') is too far in the future"
     if client_id is not None and str(iss) != client_id:
         return "Integration not found"
