@@ -171,6 +171,7 @@ def resolve_state_dir(
     environ: Mapping[str, str] | None = None,
     *,
     default: str | os.PathLike[str] = DEFAULT_STATE_DIR,
+    create: bool = True,
 ) -> StateDir:
     """The state directory, from the first setting that names one.
 
@@ -183,6 +184,8 @@ def resolve_state_dir(
     directory is not writable, the user's state directory (``$XDG_STATE_HOME/outrunner``, else
     ``~/.local/state/outrunner``) replaces it and ``warning`` says so. An explicit setting is never
     replaced: if it cannot be used, :meth:`Journal.open` raises :class:`JournalError` naming it.
+    ``create=False`` (``outrunner --check``) judges a missing default by its parent instead of
+    creating it.
     """
     env = os.environ if environ is None else environ
     explicit = (
@@ -196,8 +199,10 @@ def resolve_state_dir(
             return StateDir(Path(value).absolute(), source)
     default_path = Path(default)
     try:
-        _make_dir(default_path)
-        problem = None if os.access(default_path, os.W_OK | os.X_OK) else "not writable"
+        if create:
+            _make_dir(default_path)
+        probe = default_path if create or default_path.exists() else _existing_parent(default_path)
+        problem = None if os.access(probe, os.W_OK | os.X_OK) else "not writable"
     except OSError as exc:
         problem = _reason(exc)
     if problem is None:
@@ -208,6 +213,14 @@ def resolve_state_dir(
         "(choose one with --state-dir, the config key state_dir or OUTRUNNER_STATE_DIR)"
     )
     return StateDir(fallback, "user fallback", warning)
+
+
+def _existing_parent(path: Path) -> Path:
+    """The nearest ancestor of ``path`` that exists (where creating it would start)."""
+    for parent in path.parents:
+        if parent.exists():
+            return parent
+    return Path("/")
 
 
 def _user_state_dir(env: Mapping[str, str]) -> Path:

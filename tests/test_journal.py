@@ -619,3 +619,11 @@ def test_an_invalid_session_record_is_reported_and_skipped(tmp_path: Path) -> No
         assert journal.sessions() == {"linux": "ok"}
         assert len(journal.problems) == 2
         assert all("invalid session record" in p for p in journal.problems)
+
+
+def test_resolving_without_create_leaves_a_missing_default_alone(tmp_path: Path) -> None:
+    """``outrunner --check`` reports where the journal would live without creating anything."""
+    default = tmp_path / "var" / "lib" / "outrunner"
+    where = resolve_state_dir(None, "", {}, default=default, create=False)
+    assert (where.path, where.source, where.warning) == (default, "default", None)
+    assert not (tmp_path / "var").exists()
