@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import math
 import os
+import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from outrunner.config import (
     resolve_runner_token_source,
     resolve_runner_url,
 )
+from outrunner.health import parse_listen
 from outrunner.journal import JournalError, resolve_state_dir
 from outrunner.log import BoundLogger, configure_logging, get_logger, parse_level, register_secret
 from outrunner.provisioner import ProvisionerError
@@ -64,6 +66,7 @@ DEFAULT_CONFIG: Final = "/etc/outrunner/config.yml"
 ENV_CONFIG: Final = "OUTRUNNER_CONFIG"
 ENV_LOG_LEVEL: Final = "OUTRUNNER_LOG_LEVEL"
 ENV_LOG_FORMAT: Final = "OUTRUNNER_LOG_FORMAT"
+ENV_LISTEN: Final = "OUTRUNNER_LISTEN"
 _LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 _LOG_FORMATS: Final = ("text", "json")
 _DEMO_JOBS: Final = 6
@@ -76,8 +79,9 @@ token (first found wins; a runner entry's own token_file beats all of them):
   systemd credentials: --token is visible to every user of the machine in the process list.
 
 environment:
-  {ENV_CONFIG}, {ENV_LOG_LEVEL}, {ENV_LOG_FORMAT}: defaults for --config, --log-level and
-  --log-format; OUTRUNNER_STATE_DIR, STATE_DIRECTORY: the state directory (see --state-dir).
+  {ENV_CONFIG}, {ENV_LOG_LEVEL}, {ENV_LOG_FORMAT}, {ENV_LISTEN}: defaults for --config,
+  --log-level, --log-format and --listen; OUTRUNNER_STATE_DIR, STATE_DIRECTORY: the state
+  directory (see --state-dir).
 
 signals:
   SIGTERM/SIGINT drains: no new runners, idle ones released, busy ones finish their jobs for up
@@ -121,6 +125,16 @@ def _seconds(value: str) -> float:
     if not math.isfinite(number) or number < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more seconds, got {value!r}")
     return number
+
+
+def _listen(value: str) -> str:
+    if not value.strip():
+        return ""  # off, e.g. an empty $OUTRUNNER_LISTEN
+    try:
+        parse_listen(value)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("listen: ")) from None
+    return value.strip()
 
 
 def _log_level(value: str) -> str:
@@ -211,6 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the runner journal lives (default: the config's state_dir, "
         "$OUTRUNNER_STATE_DIR, $STATE_DIRECTORY, else /var/lib/outrunner)",
     )
+    parser.add_argument(
+        "--listen",
+        type=_listen,
+        metavar="HOST:PORT",
+        help="serve /metrics, /healthz, /readyz and /status over HTTP on this address, e.g. "
+        f"127.0.0.1:9090 or [::1]:9090 (port 0: any free one); default ${ENV_LISTEN}, else off",
+    )
     _add_logging(parser, inherited=False)
     parser.add_argument(
         "--check",
@@ -277,6 +298,8 @@ class Options:
     max_runners: int
     drain_timeout: float | None
     state_dir: str | None
+    listen: str | None
+    """``HOST:PORT`` of the HTTP endpoints; None: off."""
     log_level: str
     log_format: Literal["text", "json"]
     demo_jobs: int
@@ -324,6 +347,7 @@ def _options(args: argparse.Namespace, env: Mapping[str, str]) -> Options:
     if args.check and demo:
         raise _UsageError("--check does not apply to the demo")
     mode: Literal["serve", "check", "demo"] = "demo" if demo else "check" if args.check else "serve"
+    listen = _env_checked(args.listen, env, ENV_LISTEN, "", _listen)
     return Options(
         mode=mode,
         config=_from_env(args.config, env, ENV_CONFIG, DEFAULT_CONFIG),
@@ -333,6 +357,7 @@ def _options(args: argparse.Namespace, env: Mapping[str, str]) -> Options:
         max_runners=args.max_runners,
         drain_timeout=args.drain_timeout,
         state_dir=args.state_dir,
+        listen=listen or None,
         log_level=level,
         log_format="json" if fmt == "json" else "text",
         demo_jobs=getattr(args, "jobs", None) or _DEMO_JOBS,
@@ -367,7 +392,7 @@ def check(options: Options, log: BoundLogger) -> list[str]:
         ca_file = resolve_runner_ca_file(config, runner)
         backend_factory(runner)  # the backend's extra is installed
         lines.append(_summary(runner, url, token.origin, ca_file, options.max_runners))
-    where = resolve_state_dir(options.state_dir, config.state_dir)
+    where = resolve_state_dir(options.state_dir, config.state_dir, create=False)
     log.info(
         "Config OK",
         file=options.config,
@@ -411,6 +436,7 @@ async def _serve(options: Options, log: BoundLogger) -> int:
         max_runners=options.max_runners,
         drain_timeout=options.drain_timeout,
         state_dir=options.state_dir,
+        listen=options.listen,
     )
     await serve(service, on_reload=lambda: _revalidate(options.config, config, log))
     return EX_OK
@@ -466,6 +492,10 @@ def _fail(status: int, exc: BaseException) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; return its exit status (the console script exits with it)."""
     options = parse_args(argv)
+    if options.mode == "serve":
+        # A `systemctl reload` during start-up, before serve() handles SIGHUP, would otherwise
+        # end the process, and systemd counts that as a clean exit: the farm would stay down.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     # Logs go to stderr, as daemons' do (journald captures both streams); stdout carries only
     # what the command was asked for: --check's lines and the demo summary.
     configure_logging(options.log_level, options.log_format, sys.stderr)

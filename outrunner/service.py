@@ -36,8 +36,10 @@ from outrunner.config import (
     resolve_runner_token,
     resolve_runner_url,
 )
+from outrunner.health import HealthServer, parse_listen
 from outrunner.journal import Journal, resolve_state_dir
 from outrunner.log import BoundLogger, get_logger, register_secret
+from outrunner.metrics import Metrics
 from outrunner.provisioner import Provisioner
 from outrunner.runner import RunnerPhase, RunnerSnapshot
 from outrunner.scaleset.auth import PersonalAccessToken
@@ -144,7 +146,9 @@ class Service:
     lives (default: resolved by :func:`outrunner.journal.resolve_state_dir` from the config's
     ``state_dir`` and the environment); ``journal=False`` runs without one (no adoption after a
     restart). ``shutdown_timeout`` bounds stopping the runners that are left once the drain is
-    over.
+    over. ``listen`` (``HOST:PORT``, e.g. ``127.0.0.1:9090``; port 0 picks a free one; default:
+    the config's ``listen``, ``""``: off) serves ``/metrics``, ``/healthz``, ``/readyz`` and
+    ``/status`` while :meth:`run` runs (``docs/metrics.md``); :attr:`metrics` is kept either way.
     """
 
     def __init__(
@@ -162,6 +166,7 @@ class Service:
         state_dir: str | os.PathLike[str] | None = None,
         journal: bool = True,
         logger: BoundLogger | None = None,
+        listen: str | None = None,
     ) -> None:
         # The one place the default runner count is checked: the flag, or a library caller.
         if max_runners < 1:
@@ -189,6 +194,15 @@ class Service:
         """Worker tasks, in the order of ``workers``."""
         self.journal: Journal | None = None
         """The runner journal while :meth:`run` runs (None without one)."""
+        listen = config.listen if listen is None else listen
+        self._listen = parse_listen(listen) if listen else None
+        self.metrics = Metrics()
+        """Every scale set's metrics (its own Prometheus registry) and what the health
+        endpoints read."""
+        self.metrics.watch(self.status)
+        self.http: HealthServer | None = None
+        """The HTTP endpoints while :meth:`run` runs with ``listen``; ``http.addresses`` are the
+        bound (host, port) pairs."""
 
     def _plan(self, runner: RunnerConfig) -> _Plan:
         resolved_token = resolve_runner_token(self._token, self._config, runner)
@@ -245,6 +259,11 @@ class Service:
         tasks: list[asyncio.Task[None]] = self._tasks
         async with AsyncExitStack() as stack:
             plans = [self._plan(runner) for runner in self._config.runners.values()]
+            if self._listen is not None:
+                # Up before the workers, so /readyz says "starting"; closed after they stopped.
+                self.http = HealthServer(self, *self._listen, logger=self._log)
+                await self.http.start()
+                stack.push_async_callback(self.http.close)
             if self._use_journal:
                 self.journal = self._open_journal()
                 stack.callback(self._close_journal)
@@ -280,6 +299,7 @@ class Service:
                     shutdown_timeout=self._shutdown_timeout,
                     journal=self.journal,
                     drain_timeout=self.drain_timeout,
+                    metrics=self.metrics.for_runner(plan.runner, url=plan.url),
                 )
                 self.workers.append(worker)
                 tasks.append(asyncio.create_task(worker.run(), name=f"worker:{worker.name}"))

@@ -27,6 +27,7 @@ from outrunner.config import DEFAULT_DRAIN_TIMEOUT, RunnerConfig
 from outrunner.failures import Failure, classify
 from outrunner.journal import JournalEntry, JournalPhase
 from outrunner.log import BoundLogger, get_logger
+from outrunner.metrics import ScaleSetMetrics
 from outrunner.provisioner import Adopter, OrphanCleaner, Provisioner
 from outrunner.runner import RunnerPhase, RunnerSnapshot
 from outrunner.scaler import RunnerJournal, Scaler, StartBackoff
@@ -152,6 +153,7 @@ class ScaleSetWorker:
         journal: JournalReader | None = None,
         scaler: Scaler | None = None,
         drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
+        metrics: ScaleSetMetrics | None = None,
     ) -> None:
         self.runner = runner
         self.max_runners = max_runners
@@ -166,6 +168,9 @@ class ScaleSetWorker:
         self._journal = journal
         self._drain_timeout = drain_timeout
         self._traced: set[type[BaseException]] = set()
+        self.metrics = metrics or ScaleSetMetrics(runner.name)
+        """Records this scale set's listener messages, runner phases and sessions (metrics,
+        ``/readyz``, ``/status``)."""
         self.scaler = scaler or Scaler(
             client,
             max_runners=max_runners,
@@ -174,8 +179,11 @@ class ScaleSetWorker:
             provisioner=provisioner,
             logger=self._log.group("scaler"),
             journal=journal,
+            on_phase_change=self.metrics.on_phase_change,
+            on_reap=self.metrics.on_reap,
         )
         """The Scaler of this scale set, for the worker's whole life."""
+        self.metrics.follow(self.scaler)
         self._listener: Listener | None = None
         self._drain = asyncio.Event()
         self.scale_set: RunnerScaleSet | None = None
@@ -352,6 +360,7 @@ class ScaleSetWorker:
             try:
                 return await self._ensure_scale_set()
             except Exception as exc:
+                self.metrics.session_failed(exc)
                 if classify(exc) is Failure.PERMANENT:
                     raise
                 failures += 1
@@ -422,18 +431,21 @@ class ScaleSetWorker:
                     # listener does; handling a message twice is harmless (every handler is
                     # idempotent), skipping one is not.
                     listener = Listener(
-                        session,
+                        self.metrics.polled(session),
                         max_runners=capacity,
+                        metrics=self.metrics,
                         last_message_id=last_message_id if resumed else 0,
                     )
                     self._listener = listener
                     self.session_open = True
+                    self.metrics.session_listening(resumed=resumed)
                     self._log.info("Listening for jobs", max_runners=capacity)
                     self.ready.set()
-                    await listener.run(self.scaler)
+                    await listener.run(self.metrics.observed(self.scaler))
                 except Exception as exc:
                     self._listener = None
                     self.session_open = False
+                    self.metrics.session_failed(exc)
                     if classify(exc) is Failure.PERMANENT:
                         raise
                     if listener is not None:
