@@ -24,13 +24,13 @@ from typing import Final, Literal
 
 from outrunner._version import __version__
 from outrunner.config import (
-    Config,
     ConfigError,
+    ResolvedApp,
     RunnerConfig,
     load_config,
     read_token_file,
     resolve_runner_ca_file,
-    resolve_runner_token_source,
+    resolve_runner_credentials,
     resolve_runner_url,
 )
 from outrunner.health import parse_listen
@@ -85,8 +85,8 @@ environment:
 
 signals:
   SIGTERM/SIGINT drains: no new runners, idle ones released, busy ones finish their jobs for up
-  to the drain timeout; a second signal stops every runner at once. SIGHUP re-validates the
-  config file.
+  to the drain timeout; a second signal stops every runner at once. SIGHUP reloads the config
+  file (an invalid one is logged and the running config kept).
 
 exit status:
   {EX_OK}    clean shutdown, --check passed, demo succeeded
@@ -387,11 +387,24 @@ def check(options: Options, log: BoundLogger) -> list[str]:
     lines = []
     for runner in config.runners.values():
         url = resolve_runner_url(options.url, config, runner)
-        token = resolve_runner_token_source(flag_token, config, runner, flag_origin=flag_origin)
-        register_secret(token.value)
+        credentials = resolve_runner_credentials(
+            flag_token, config, runner, url=url, flag_origin=flag_origin
+        )
+        if isinstance(credentials, ResolvedApp):
+            register_secret(credentials.private_key)
+            origin = credentials.origin
+            for source in credentials.ignored:
+                log.warning(
+                    "A token is set but the config's GitHub App is used instead",
+                    scale_set=runner.name,
+                    token_source=source,
+                )
+        else:
+            register_secret(credentials.value)
+            origin = f"token from {credentials.origin}"
         ca_file = resolve_runner_ca_file(config, runner)
         backend_factory(runner)  # the backend's extra is installed
-        lines.append(_summary(runner, url, token.origin, ca_file, options.max_runners))
+        lines.append(_summary(runner, url, origin, ca_file, options.max_runners))
     where = resolve_state_dir(options.state_dir, config.state_dir, create=False)
     log.info(
         "Config OK",
@@ -415,7 +428,7 @@ def _summary(runner: RunnerConfig, url: str, origin: str, ca_file: str, max_runn
         backend = kind
     parts = [
         url,
-        f"token from {origin}",
+        origin,
         backend,
         f"labels {','.join(runner.labels)}",
         f"max_runners {runner.max_runners or max_runners}",
@@ -438,26 +451,30 @@ async def _serve(options: Options, log: BoundLogger) -> int:
         state_dir=options.state_dir,
         listen=options.listen,
     )
-    await serve(service, on_reload=lambda: _revalidate(options.config, config, log))
+    reloads: set[asyncio.Task[None]] = set()
+
+    def on_sighup() -> None:
+        task = asyncio.create_task(_reload(service, options.config, log), name="reload")
+        reloads.add(task)  # the loop keeps only a weak reference to tasks
+        task.add_done_callback(reloads.discard)
+
+    await serve(service, on_reload=on_sighup)
     return EX_OK
 
 
-def _revalidate(path: str, running: Config, log: BoundLogger) -> None:
-    """SIGHUP: re-read the config and say whether it is valid; the farm keeps running as it is
-    (applying a changed config needs a restart, which drains)."""
+async def _reload(service: Service, path: str, log: BoundLogger) -> None:
+    """SIGHUP: re-read the config file and apply it (:meth:`Service.reload`); a config that is
+    invalid, or cannot be applied, is logged with its errors and the running one kept."""
+    log.info("SIGHUP: reloading the config", file=path)
     try:
-        fresh = load_config(path)
+        config = await asyncio.to_thread(load_config, path)
+        await service.reload(config)
     except ConfigError as exc:
-        log.error("SIGHUP: the config file is invalid; the running config is kept", error=str(exc))
-        return
-    if fresh == running:
-        log.info("SIGHUP: the config file is valid and unchanged", file=path)
-    else:
-        log.warning(
-            "SIGHUP: the config file is valid but changed; restart the service to apply it "
-            "(a restart drains: busy runners finish their jobs)",
-            file=path,
-        )
+        log.error("SIGHUP: the config cannot be used; the running config is kept", error=str(exc))
+    except RuntimeError as exc:  # shutting down meanwhile
+        log.info("SIGHUP: not reloaded", reason=str(exc))
+    except Exception as exc:
+        log.error("SIGHUP: reloading failed; the running config is kept", error=str(exc))
 
 
 async def _demo(options: Options, log: BoundLogger) -> int:

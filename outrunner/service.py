@@ -22,33 +22,35 @@ import os
 import signal
 import socket
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from outrunner._version import __version__
 from outrunner.config import (
     Config,
     ConfigError,
+    ResolvedApp,
     RunnerConfig,
     resolve_runner_ca_file,
-    resolve_runner_token,
+    resolve_runner_credentials,
     resolve_runner_url,
 )
 from outrunner.health import HealthServer, parse_listen
 from outrunner.journal import Journal, resolve_state_dir
-from outrunner.log import BoundLogger, get_logger, register_secret
+from outrunner.log import BoundLogger, get_logger, register_secret, unregister_secret
 from outrunner.metrics import Metrics
 from outrunner.provisioner import Provisioner
 from outrunner.runner import RunnerPhase, RunnerSnapshot
-from outrunner.scaleset.auth import PersonalAccessToken
+from outrunner.scaleset.auth import Credentials, GitHubApp, PersonalAccessToken
 from outrunner.scaleset.client import Client, SystemInfo
 from outrunner.worker import ScaleSetStatus, ScaleSetWorker
 
 __all__ = [
     "ClientFactory",
     "ProvisionerFactory",
+    "ReloadResult",
     "Service",
     "ServiceState",
     "default_provisioner",
@@ -59,11 +61,15 @@ ProvisionerFactory = Callable[[RunnerConfig], Provisioner]
 
 
 class ClientFactory(Protocol):
-    """Builds the scale set client for a URL and token. ``ca_file`` (a PEM CA bundle that
-    replaces the system trust store) is passed only when the runner entry resolves one, so a
-    factory taking just ``(url, token)`` works for configs without ``ca_file``."""
+    """Builds the scale set client for a URL and its credentials: a token (``str``), or a
+    :class:`~outrunner.scaleset.auth.GitHubApp` when the entry authenticates as an App.
+    ``ca_file`` (a PEM CA bundle that replaces the system trust store) is passed only when the
+    runner entry resolves one, so a factory taking just ``(url, token)`` works for token
+    configs without ``ca_file``."""
 
-    def __call__(self, url: str, token: str, /, *, ca_file: str = "") -> Client: ...
+    def __call__(
+        self, url: str, credentials: str | Credentials, /, *, ca_file: str = ""
+    ) -> Client: ...
 
 
 DEFAULT_MAX_RUNNERS = 2
@@ -101,10 +107,11 @@ def backend_factory(runner: RunnerConfig) -> Callable[..., Provisioner]:
     raise ConfigError(f"runners.{runner.name}: the {kind} backend is not available in this build")
 
 
-def _default_client(url: str, token: str, /, *, ca_file: str = "") -> Client:
+def _default_client(url: str, credentials: str | Credentials, /, *, ca_file: str = "") -> Client:
     info = SystemInfo(system="outrunner", version=__version__, subsystem="outrunner")
+    auth = PersonalAccessToken(credentials) if isinstance(credentials, str) else credentials
     # No ca_file: the system trust store.
-    return Client(url, PersonalAccessToken(token), system_info=info, verify=ca_file or True)
+    return Client(url, auth, system_info=info, verify=ca_file or True)
 
 
 def _owner() -> str:
@@ -113,12 +120,61 @@ def _owner() -> str:
 
 @dataclass(frozen=True)
 class _Plan:
+    """What one runner entry resolves to: everything its worker is built from."""
+
     runner: RunnerConfig
     url: str
-    token: str
+    credentials: str | GitHubApp = field(repr=False)
+    """The token, or the (shared) GitHub App credentials."""
+    credentials_key: str = field(repr=False)
+    """Equal for equal credentials: the token itself, or the App's issuer, installation and
+    key file."""
     max_runners: int
     ca_file: str
     """The PEM CA bundle the client trusts; ``""``: the system trust store."""
+
+    @property
+    def client_key(self) -> tuple[str, str, str]:
+        """Entries with the same key share one scale set client."""
+        return (self.url, self.credentials_key, self.ca_file)
+
+    def same_scale_set(self, other: _Plan) -> bool:
+        """Whether ``other`` can be applied to this plan's running worker; otherwise the
+        scale set is drained and started again (another GitHub, identity, group or backend)."""
+        mine, theirs = self.runner, other.runner
+        return (
+            self.client_key == other.client_key
+            and mine.runner_group == theirs.runner_group
+            and mine.provider_type == theirs.provider_type
+        )
+
+
+@dataclass(eq=False)
+class _Running:
+    """A scale set's worker, its task and the plan it runs."""
+
+    plan: _Plan
+    worker: ScaleSetWorker
+    task: asyncio.Task[None]
+    retiring: bool = False
+    """Drained because a reload removed (or restarts) its entry."""
+    successor: tuple[_Plan, Provisioner] | None = None
+    """What starts once it has ended (a restarted scale set)."""
+
+
+@dataclass(frozen=True)
+class ReloadResult:
+    """What :meth:`Service.reload` changed, by scale set name."""
+
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    """Drained: no new runners; busy ones finish their jobs, then the scale set stops."""
+    restarted: tuple[str, ...] = ()
+    """Drained and started again: its URL, credentials, CA file, runner group or backend kind
+    changed, which a running scale set cannot take on."""
+    changed: tuple[str, ...] = ()
+    """Applied in place: max_runners, min_runners and lifetimes now; labels at GitHub; backend
+    options for the runners started from now on."""
 
 
 @dataclass(frozen=True)
@@ -188,10 +244,20 @@ class Service:
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
         self._drain_deadline: float | None = None
+        self._drain_timeout_flag = drain_timeout is not None
         self._workers_created = asyncio.Event()
-        self.workers: list[ScaleSetWorker] = []
-        self._tasks: list[asyncio.Task[None]] = []
-        """Worker tasks, in the order of ``workers``."""
+        self._running: dict[str, _Running] = {}
+        """The current worker of every scale set in the config, in config order."""
+        self._retiring: list[_Running] = []
+        """Workers draining because a reload removed or restarts their scale set."""
+        self._changed = asyncio.Event()
+        self._failures: list[BaseException] = []
+        self._stack: AsyncExitStack | None = None
+        self._clients: dict[tuple[str, str, str], Client] = {}
+        self._provisioners: list[Provisioner] = []
+        self._apps: dict[str, GitHubApp] = {}
+        self._warned: set[str] = set()
+        self._reload_lock = asyncio.Lock()
         self.journal: Journal | None = None
         """The runner journal while :meth:`run` runs (None without one)."""
         listen = config.listen if listen is None else listen
@@ -204,16 +270,51 @@ class Service:
         """The HTTP endpoints while :meth:`run` runs with ``listen``; ``http.addresses`` are the
         bound (host, port) pairs."""
 
-    def _plan(self, runner: RunnerConfig) -> _Plan:
-        resolved_token = resolve_runner_token(self._token, self._config, runner)
-        # Mask the token in every log line from here on, whoever prints it.
-        register_secret(resolved_token)
+    @property
+    def workers(self) -> list[ScaleSetWorker]:
+        """Every scale set's worker in config order, then those draining after a reload."""
+        return [r.worker for r in (*self._running.values(), *self._retiring)]
+
+    def _plan(self, runner: RunnerConfig, config: Config) -> _Plan:
+        url = resolve_runner_url(self._url, config, runner)
+        resolved = resolve_runner_credentials(self._token, config, runner, url=url)
+        credentials: str | GitHubApp
+        if isinstance(resolved, ResolvedApp):
+            register_secret(resolved.private_key)
+            key = f"app:{resolved.issuer}:{resolved.installation_id}:{resolved.key_file}"
+            app = self._apps.get(key)
+            if app is None:
+                # One per App installation: its installation token is shared by every client.
+                app = resolved.credentials(
+                    register_secret=register_secret, unregister_secret=unregister_secret
+                )
+                self._apps[key] = app
+            credentials = app
+            for source in resolved.ignored:
+                if source not in self._warned:
+                    self._warned.add(source)
+                    self._log.warning(
+                        "A token is set but the config's GitHub App is used instead",
+                        token_source=source,
+                        app=resolved.origin,
+                    )
+        else:
+            # Mask the token in every log line from here on, whoever prints it.
+            register_secret(resolved.value)
+            credentials = key = resolved.value
+        max_runners = runner.max_runners or self._max_runners
+        if runner.min_runners > max_runners:  # load_config checked it against an explicit max
+            raise ConfigError(
+                f"runners.{runner.name}: min_runners ({runner.min_runners}) must not exceed "
+                f"max_runners ({max_runners}, from --max-runners)"
+            )
         return _Plan(
             runner=runner,
-            url=resolve_runner_url(self._url, self._config, runner),
-            token=resolved_token,
-            max_runners=runner.max_runners or self._max_runners,
-            ca_file=resolve_runner_ca_file(self._config, runner),
+            url=url,
+            credentials=credentials,
+            credentials_key=key,
+            max_runners=max_runners,
+            ca_file=resolve_runner_ca_file(config, runner),
         )
 
     def stop(self, *, drain: bool = True) -> None:
@@ -256,9 +357,8 @@ class Service:
         await asyncio.gather(*(worker.ready.wait() for worker in self.workers))
 
     async def run(self) -> None:
-        tasks: list[asyncio.Task[None]] = self._tasks
         async with AsyncExitStack() as stack:
-            plans = [self._plan(runner) for runner in self._config.runners.values()]
+            plans = [self._plan(runner, self._config) for runner in self._config.runners.values()]
             if self._listen is not None:
                 # Up before the workers, so /readyz says "starting"; closed after they stopped.
                 self.http = HealthServer(self, *self._listen, logger=self._log)
@@ -267,88 +367,214 @@ class Service:
             if self._use_journal:
                 self.journal = self._open_journal()
                 stack.callback(self._close_journal)
+            # Clients and provisioners (including those a reload adds) are closed after every
+            # worker has stopped its runners: the callbacks run in reverse order.
+            stack.push_async_callback(self._close_clients)
+            stack.push_async_callback(self._close_provisioners)
             # Every provisioner is built before any worker starts, so a backend that cannot be
             # built (a missing extra) fails the run before anything happened at GitHub.
-            provisioners: list[Provisioner] = []
-            for plan in plans:
-                provisioner = self._provisioner_factory(plan.runner)
-                provisioners.append(provisioner)
-                stack.push_async_callback(provisioner.close)
-            clients: dict[tuple[str, str, str], Client] = {}
-            for plan in plans:
-                key = (plan.url, plan.token, plan.ca_file)
-                if key not in clients:
-                    extra = {"ca_file": plan.ca_file} if plan.ca_file else {}
-                    clients[key] = self._client_factory(plan.url, plan.token, **extra)
-                    stack.push_async_callback(clients[key].aclose)
-                    self._log.info(
-                        "Created scaleset client",
-                        url=plan.url,
-                        ca_file=plan.ca_file or "(system trust store)",
-                    )
-            # Released first: every worker stops its runners before provisioners and clients go.
-            stack.push_async_callback(self._stop_workers, tasks)
-            for plan, provisioner in zip(plans, provisioners, strict=True):
-                worker = ScaleSetWorker(
-                    clients[(plan.url, plan.token, plan.ca_file)],
-                    plan.runner,
-                    max_runners=plan.max_runners,
-                    provisioner=provisioner,
-                    owner=self._owner,
-                    logger=self._log.bind(scale_set=plan.runner.name),
-                    shutdown_timeout=self._shutdown_timeout,
-                    journal=self.journal,
-                    drain_timeout=self.drain_timeout,
-                    metrics=self.metrics.for_runner(plan.runner, url=plan.url),
-                )
-                self.workers.append(worker)
-                tasks.append(asyncio.create_task(worker.run(), name=f"worker:{worker.name}"))
-            self._workers_created.set()
-            await self._supervise(tasks)
+            provisioners = [self._new_provisioner(plan) for plan in plans]
+            stack.push_async_callback(self._stop_workers)
+            self._stack = stack
+            try:
+                for plan, provisioner in zip(plans, provisioners, strict=True):
+                    self._start_worker(plan, provisioner)
+                self._workers_created.set()
+                await self._supervise()
+            finally:
+                self._stack = None
         self._log.info("Shut down cleanly")
 
-    async def _supervise(self, tasks: list[asyncio.Task[None]]) -> None:
+    def _new_provisioner(self, plan: _Plan) -> Provisioner:
+        provisioner = self._provisioner_factory(plan.runner)
+        self._provisioners.append(provisioner)
+        return provisioner
+
+    def _client_for(self, plan: _Plan) -> Client:
+        client = self._clients.get(plan.client_key)
+        if client is None:
+            extra = {"ca_file": plan.ca_file} if plan.ca_file else {}
+            client = self._client_factory(plan.url, plan.credentials, **extra)
+            self._clients[plan.client_key] = client
+            self._log.info(
+                "Created scaleset client",
+                url=plan.url,
+                ca_file=plan.ca_file or "(system trust store)",
+            )
+        return client
+
+    def _start_worker(self, plan: _Plan, provisioner: Provisioner) -> None:
+        worker = ScaleSetWorker(
+            self._client_for(plan),
+            plan.runner,
+            max_runners=plan.max_runners,
+            provisioner=provisioner,
+            owner=self._owner,
+            logger=self._log.bind(scale_set=plan.runner.name),
+            shutdown_timeout=self._shutdown_timeout,
+            journal=self.journal,
+            drain_timeout=self.drain_timeout,
+            metrics=self.metrics.for_runner(plan.runner, url=plan.url),
+        )
+        task = asyncio.create_task(worker.run(), name=f"worker:{worker.name}")
+        self._running[worker.name] = _Running(plan, worker, task)
+        self._changed.set()
+
+    def _all(self) -> list[_Running]:
+        return [*self._running.values(), *self._retiring]
+
+    async def _supervise(self) -> None:
         """Return when stopped (after the drain); raise when a scale set failed.
 
         A scale set that fails at start-up (before it first listened) ends the whole run, as a
         config mistake should, after the others have drained. One that fails later stops alone
         (it drains itself) while the others keep serving; once every scale set has stopped, the
-        first failure is raised.
+        first failure is raised. Workers a reload adds are supervised from then on.
         """
-        running = set(tasks)
         stop = asyncio.ensure_future(self._stop.wait())
         try:
-            while running and not stop.done():
-                done, _ = await asyncio.wait([*running, stop], return_when=asyncio.FIRST_COMPLETED)
-                for task in running & done:
-                    running.discard(task)
-                    self._worker_ended(task)
+            while not stop.done():
+                live = {r.task for r in self._all() if not r.task.done()}
+                if not live:
+                    break
+                self._changed.clear()
+                changed = asyncio.ensure_future(self._changed.wait())
+                try:
+                    done, _ = await asyncio.wait(
+                        [*live, stop, changed], return_when=asyncio.FIRST_COMPLETED
+                    )
+                finally:
+                    changed.cancel()
+                for entry in self._all():
+                    if entry.task in done:
+                        self._worker_ended(entry)
         finally:
             stop.cancel()
-        if running and not self._force.is_set():
-            await self._drain(list(running))
-        failed = next((t for t in tasks if _failure(t) is not None), None)
-        if failed is not None:
-            raise _failure(failed)  # type: ignore[misc]
+        live_tasks = [r.task for r in self._all() if not r.task.done()]
+        if live_tasks and not self._force.is_set():
+            await self._drain(live_tasks)
+        for entry in self._all():
+            error = _failure(entry.task)
+            if error is not None and not entry.retiring and error not in self._failures:
+                self._failures.append(error)
+        if self._failures:
+            raise self._failures[0]
 
-    def _worker_ended(self, task: asyncio.Task[None]) -> None:
-        error = _failure(task)
-        worker = next(w for w, t in zip(self.workers, self._tasks, strict=True) if t is task)
+    def _worker_ended(self, entry: _Running) -> None:
+        error = _failure(entry.task)
+        name = entry.worker.name
+        if entry.retiring:
+            self._retiring.remove(entry)
+            if error is not None:
+                self._log.error(
+                    "Removed scale set failed while draining", scale_set=name, error=str(error)
+                )
+            if entry.successor is not None and not self.stopping:
+                plan, provisioner = entry.successor
+                self._log.info("Restarting scale set with its new settings", scale_set=name)
+                self.metrics.forget(name)
+                self._start_worker(plan, provisioner)
+            elif entry.successor is None:
+                self.metrics.forget(name)
+                self._log.info("Scale set removed", scale_set=name)
+            return
         if error is None:
             return
-        if not worker.ready.is_set():
+        self._failures.append(error)
+        if not entry.worker.ready.is_set():
             self._log.error(
-                "Scale set failed at start-up; stopping", scale_set=worker.name, error=str(error)
+                "Scale set failed at start-up; stopping", scale_set=name, error=str(error)
             )
             self.stop()
             return
-        left = sum(not t.done() for t in self._tasks)
+        left = sum(not r.task.done() for r in self._all())
         self._log.error(
             "Scale set stopped; the others keep serving",
-            scale_set=worker.name,
+            scale_set=name,
             error=str(error),
             serving=left,
         )
+
+    # -- reload ------------------------------------------------------------------------------
+
+    async def reload(self, config: Config) -> ReloadResult:
+        """Apply a new config to the running Service without stopping any busy runner.
+
+        New scale sets start; removed ones are drained (no new runners; busy ones finish their
+        jobs, then they stop); a scale set whose URL, credentials, CA file, runner group or
+        backend kind changed is drained and started again with the new settings; for the rest
+        ``max_runners``, ``min_runners`` and the lifetimes apply at once, labels are updated at
+        GitHub, and backend options apply to the runners started from now on. ``listen``,
+        ``state_dir`` and the journal keep their values until a restart; ``drain_timeout``
+        applies unless the Service was given one.
+
+        Everything is resolved first (tokens, key files, CA files, backends): a
+        :class:`ConfigError` leaves the running Service exactly as it was. Raises
+        :class:`RuntimeError` when the Service is not running.
+        """
+        async with self._reload_lock:
+            if self._stack is None or self.stopping:
+                raise RuntimeError("the service is not running")
+            plans = {name: self._plan(runner, config) for name, runner in config.runners.items()}
+            current = dict(self._running)
+            added = [name for name in plans if name not in current]
+            removed = [name for name in current if name not in plans]
+            restarted = [
+                name
+                for name in plans
+                if name in current and not current[name].plan.same_scale_set(plans[name])
+            ]
+            changed = [
+                name
+                for name in plans
+                if name in current and name not in restarted and current[name].plan != plans[name]
+            ]
+            built: dict[str, Provisioner] = {}
+            try:
+                for name in (*added, *restarted):
+                    built[name] = self._provisioner_factory(plans[name].runner)
+            except BaseException:
+                for provisioner in built.values():
+                    await provisioner.close()
+                raise
+            self._provisioners.extend(built.values())
+            self._config = config
+            if not self._drain_timeout_flag:
+                self.drain_timeout = config.drain_timeout
+            for name in (*removed, *restarted):
+                entry = self._running.pop(name)
+                entry.retiring = True
+                if name in restarted:
+                    entry.successor = (plans[name], built[name])
+                self._retiring.append(entry)
+                entry.worker.drain()
+            for name in added:
+                draining = next((r for r in self._retiring if r.worker.name == name), None)
+                if draining is None:
+                    self._start_worker(plans[name], built[name])
+                else:  # removed by an earlier reload and still draining: it starts afterwards
+                    draining.successor = (plans[name], built[name])
+            for entry in self._retiring:
+                if entry.worker.name not in plans:
+                    entry.successor = None  # restarting, but now removed
+            for name in changed:
+                entry = self._running[name]
+                entry.worker.reconfigure(plans[name].runner, plans[name].max_runners)
+                entry.plan = plans[name]
+            # Config order for status(), /status and the metrics' listing.
+            self._running = {name: self._running[name] for name in plans if name in self._running}
+            self._changed.set()
+            result = ReloadResult(tuple(added), tuple(removed), tuple(restarted), tuple(changed))
+            self._log.info(
+                "Config reloaded",
+                added=",".join(added) or "-",
+                removed=",".join(removed) or "-",
+                restarted=",".join(restarted) or "-",
+                changed=",".join(changed) or "-",
+            )
+            return result
+
+    # -- stopping ----------------------------------------------------------------------------
 
     async def _drain(self, tasks: list[asyncio.Task[None]]) -> None:
         loop = asyncio.get_running_loop()
@@ -375,12 +601,28 @@ class Service:
         if self._force.is_set():
             self._log.warning("Stopping every runner now", busy=self.state().busy_runners)
 
-    async def _stop_workers(self, tasks: list[asyncio.Task[None]]) -> None:
+    async def _stop_workers(self) -> None:
         """Cancel every worker still running (each stops its runners, bounded) and wait."""
+        tasks = [entry.task for entry in self._all()]
         for task in tasks:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks)
+
+    async def _close_clients(self) -> None:
+        for client in reversed(list(self._clients.values())):
+            await self._close(client.aclose(), "scale set client")
+
+    async def _close_provisioners(self) -> None:
+        for provisioner in reversed(self._provisioners):
+            await self._close(provisioner.close(), "provisioner")
+
+    async def _close(self, closing: Awaitable[None], what: str) -> None:
+        """Close one resource; a failure is logged and the others are still closed."""
+        try:
+            await closing
+        except Exception as exc:
+            self._log.error(f"Failed to close a {what}", error=str(exc))
 
     def _open_journal(self) -> Journal:
         where = resolve_state_dir(self._state_dir, self._config.state_dir)

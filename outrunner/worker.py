@@ -181,6 +181,9 @@ class ScaleSetWorker:
             journal=journal,
             on_phase_change=self.metrics.on_phase_change,
             on_reap=self.metrics.on_reap,
+            min_runners=runner.min_runners,
+            max_lifetime=runner.max_lifetime,
+            idle_timeout=runner.idle_timeout,
         )
         """The Scaler of this scale set, for the worker's whole life."""
         self.metrics.follow(self.scaler)
@@ -191,6 +194,7 @@ class ScaleSetWorker:
         """Set once the scale set exists and the first session is listening."""
         self.session_open = False
         """True while a message session is open and its listener polls."""
+        self._relabel: asyncio.Task[None] | None = None
 
     @property
     def name(self) -> str:
@@ -223,6 +227,38 @@ class ScaleSetWorker:
             # Capacity 0 tells GitHub to assign this scale set no further jobs.
             self._listener.set_max_runners(0)
 
+    def reconfigure(self, runner: RunnerConfig, max_runners: int) -> None:
+        """Apply a reloaded entry of this scale set (same name, URL, credentials and backend
+        kind): ``max_runners``, ``min_runners`` and the lifetimes at once, labels at GitHub in
+        the background, backend options to the runners started from now on. Runners already
+        running keep what they were started with."""
+        if runner.name != self.name:
+            raise ValueError(f"entry {runner.name} cannot reconfigure scale set {self.name}")
+        relabel = tuple(runner.labels) != tuple(self.runner.labels)
+        self.runner, self.max_runners = runner, max_runners
+        self.scaler.runner_config = runner
+        self.scaler.max_runners = max_runners
+        self.scaler.min_runners = runner.min_runners
+        self.scaler.set_lifetimes(runner.max_lifetime, runner.idle_timeout)
+        if self._listener is not None and not self.draining:
+            self._listener.set_max_runners(max_runners)
+        if relabel and self.scale_set is not None:
+            if self._relabel is not None:
+                self._relabel.cancel()
+            self._relabel = asyncio.create_task(self._update_labels(), name=f"labels:{self.name}")
+        self.scaler.rebalance()
+
+    async def _update_labels(self) -> None:
+        """Bring the scale set's labels at GitHub in line with the entry (retried while GitHub
+        is unreachable); a refusal is logged and the scale set keeps serving."""
+        try:
+            scale_set = await self._set_up()
+        except Exception as exc:
+            self._log.error("Cannot update the scale set's labels", error=str(exc))
+            return
+        self.scale_set = scale_set
+        self._log.info("Scale set labels updated", labels=",".join(self.runner.labels))
+
     async def run(self) -> None:
         """Recover, set up the scale set, then listen until drained (returns) or cancelled.
 
@@ -250,6 +286,7 @@ class ScaleSetWorker:
         finally:
             # The session goes first, so GitHub assigns nothing more here while runners stop.
             await cancel_and_wait(serving)
+            await cancel_and_wait(self._relabel)
             await self.scaler.shutdown(self._shutdown_timeout)
 
     async def _stop_for_good(self, error: BaseException) -> None:

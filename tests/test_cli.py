@@ -279,7 +279,7 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def test_sighup_revalidates_the_config_and_keeps_serving(tmp_path: Path) -> None:
+def test_sighup_reloads_the_config_and_keeps_serving(tmp_path: Path) -> None:
     fake = FakeTart.install(tmp_path / "tart")
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN)
@@ -306,11 +306,16 @@ def test_sighup_revalidates_the_config_and_keeps_serving(tmp_path: Path) -> None
                 assert process.poll() is None, stderr.read_text()
                 assert len(gh.sessions()) == 1  # still listening, same session
 
-            hup_and_expect("SIGHUP: the config file is valid and unchanged")
+            hup_and_expect("Config reloaded added=- removed=- restarted=- changed=-")
             config.write_text(text.replace("[macos]", "[macos, arm64]"))
-            hup_and_expect("SIGHUP: the config file is valid but changed")
+            hup_and_expect("Config reloaded added=- removed=- restarted=- changed=mac")
+            wait_for(
+                lambda: "Scale set labels updated" in stderr.read_text(), 10, "the label update"
+            )
+            (scale_set,) = gh.scale_sets()
+            assert sorted(scale_set.labels) == ["arm64", "macos"]
             config.write_text(text.replace("labels", "lables"))
-            hup_and_expect("SIGHUP: the config file is invalid; the running config is kept")
+            hup_and_expect("SIGHUP: the config cannot be used; the running config is kept")
             process.send_signal(signal.SIGTERM)
             status = process.wait(timeout=60)
         finally:
