@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# Wheels of everything `pip install 'outrunner[docker,testing]'` needs, and of the build backend
+# Wheels of everything `pip install 'outrunner[docker,app,metrics,testing]'` needs, and of the build backend
 # (pyproject.toml's [build-system] requires), so that tests/test_install.py and the Containerfile
 # test build and install outrunner with --no-index: the tests never reach a package index.
 WHEELHOUSE := $(VENV)/wheelhouse
@@ -33,7 +33,7 @@ BUILD_REQUIRES = $$($(BIN)/python -c 'import tomllib; \
 $(WHEELHOUSE_STAMP): pyproject.toml | $(STAMP)
 	rm -rf $(WHEELHOUSE)
 	$(BIN)/python -m pip download --quiet --only-binary :all: --dest $(WHEELHOUSE) \
-		".[docker,testing]" $(BUILD_REQUIRES)
+		".[docker,app,metrics,testing]" $(BUILD_REQUIRES)
 	touch $@
 
 wheelhouse: $(WHEELHOUSE_STAMP)

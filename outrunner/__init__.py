@@ -12,13 +12,17 @@ from outrunner.config import (
     ConfigProblem,
     DockerImage,
     DockerMount,
+    GitHubAppConfig,
     LibvirtImage,
     LibvirtMount,
+    ResolvedApp,
+    ResolvedToken,
     RunnerConfig,
     TartImage,
     TartMount,
     load_config,
     resolve_runner_ca_file,
+    resolve_runner_credentials,
     resolve_runner_token,
     resolve_runner_url,
     resolve_token,
@@ -52,7 +56,7 @@ from outrunner.provisioner import (
 )
 from outrunner.runner import RunnerPhase, RunnerSnapshot, RunnerState
 from outrunner.scaler import RunnerJournal, Scaler, ScalerError, ScaleSetClient, StartBackoff
-from outrunner.service import Service, ServiceState, serve
+from outrunner.service import ReloadResult, Service, ServiceState, serve
 from outrunner.worker import ScaleSetStatus, ScaleSetWorker
 
 __all__ = [
@@ -65,6 +69,7 @@ __all__ = [
     "DockerMount",
     "EnvironmentMonitor",
     "ExitWatcher",
+    "GitHubAppConfig",
     "Journal",
     "JournalEntry",
     "JournalError",
@@ -75,6 +80,9 @@ __all__ = [
     "OrphanCleaner",
     "Provisioner",
     "ProvisionerError",
+    "ReloadResult",
+    "ResolvedApp",
+    "ResolvedToken",
     "RunnerConfig",
     "RunnerJournal",
     "RunnerPhase",
@@ -100,6 +108,7 @@ __all__ = [
     "load_config",
     "register_secret",
     "resolve_runner_ca_file",
+    "resolve_runner_credentials",
     "resolve_runner_token",
     "resolve_runner_url",
     "resolve_state_dir",

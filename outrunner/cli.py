@@ -73,10 +73,11 @@ _DEMO_JOBS: Final = 6
 _DEMO_MAX_RUNNERS: Final = 3
 
 _EPILOG: Final = f"""\
-token (first found wins; a runner entry's own token_file beats all of them):
-  --token, --token-file, $GITHUB_TOKEN, $CREDENTIALS_DIRECTORY/github-token (systemd
-  LoadCredential=github-token:PATH), the config's token_file. Prefer a file, $GITHUB_TOKEN or
-  systemd credentials: --token is visible to every user of the machine in the process list.
+credentials (first found wins; a runner entry's own token_file or app beats all of them):
+  --token, --token-file, the config's app (a GitHub App), $GITHUB_TOKEN,
+  $CREDENTIALS_DIRECTORY/github-token (systemd LoadCredential=github-token:PATH), the config's
+  token_file. Prefer a file, $GITHUB_TOKEN or systemd credentials: --token is visible to every
+  user of the machine in the process list.
 
 environment:
   {ENV_CONFIG}, {ENV_LOG_LEVEL}, {ENV_LOG_FORMAT}, {ENV_LISTEN}: defaults for --config,
@@ -92,7 +93,7 @@ exit status:
   {EX_OK}    clean shutdown, --check passed, demo succeeded
   {EX_FAILURE}    runtime error (GitHub refused the token, backend unreachable, demo failed)
   {EX_USAGE}    usage error (bad flag or value, bad {ENV_LOG_LEVEL}/{ENV_LOG_FORMAT})
-  {EX_CONFIG}   config error (invalid config, no token, unreadable token or CA file)
+  {EX_CONFIG}   config error (invalid config, no token, unreadable token, App key or CA file)
   {EX_INTERRUPTED}  interrupted before the service started
 
 demo: `outrunner demo --help` (runs jobs against an embedded fake GitHub, no token needed).
@@ -198,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument(
         "--token-file",
         metavar="PATH",
-        help="read the GitHub token from this file (see 'token' below)",
+        help="read the GitHub token from this file (see 'credentials' below)",
     )
     token.add_argument(
         "--token",

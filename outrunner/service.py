@@ -1,8 +1,9 @@
 """Service: a whole Config as running workers (what gha-outrunner's main.go does, as a library).
 
-For every runner entry it resolves the URL, token and CA file (runner's own first), shares one
-scale set client per distinct (URL, token, CA file), builds the entry's provisioner and runs a
-ScaleSetWorker. The Service owns what it creates (the runner journal, clients, provisioners,
+For every runner entry it resolves the URL, credentials (a token or a GitHub App) and CA file
+(runner's own first), shares one scale set client per distinct (URL, credentials, CA file),
+builds the entry's provisioner and runs a ScaleSetWorker; :meth:`Service.reload` applies a new
+config while it runs. The Service owns what it creates (the runner journal, clients, provisioners,
 worker tasks) through one exit stack, released in reverse order.
 
 :meth:`Service.run` returns once the Service has stopped:
@@ -18,6 +19,7 @@ worker tasks) through one exit stack, released in reverse order.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import signal
 import socket
@@ -156,6 +158,9 @@ class _Running:
     plan: _Plan
     worker: ScaleSetWorker
     task: asyncio.Task[None]
+    initial: bool = False
+    """Started with the Service: failing before it first listens ends the whole run (a config
+    mistake); a scale set a reload starts fails alone."""
     retiring: bool = False
     """Drained because a reload removed (or restarts) its entry."""
     successor: tuple[_Plan, Provisioner] | None = None
@@ -281,7 +286,9 @@ class Service:
         credentials: str | GitHubApp
         if isinstance(resolved, ResolvedApp):
             register_secret(resolved.private_key)
-            key = f"app:{resolved.issuer}:{resolved.installation_id}:{resolved.key_file}"
+            # The key's digest, not its path: a key rotated in place is a new identity at reload.
+            digest = hashlib.sha256(resolved.private_key.encode()).hexdigest()
+            key = f"app:{resolved.issuer}:{resolved.installation_id}:{digest}"
             app = self._apps.get(key)
             if app is None:
                 # One per App installation: its installation token is shared by every client.
@@ -378,7 +385,7 @@ class Service:
             self._stack = stack
             try:
                 for plan, provisioner in zip(plans, provisioners, strict=True):
-                    self._start_worker(plan, provisioner)
+                    self._start_worker(plan, provisioner, initial=True)
                 self._workers_created.set()
                 await self._supervise()
             finally:
@@ -403,7 +410,9 @@ class Service:
             )
         return client
 
-    def _start_worker(self, plan: _Plan, provisioner: Provisioner) -> None:
+    def _start_worker(
+        self, plan: _Plan, provisioner: Provisioner, *, initial: bool = False
+    ) -> None:
         worker = ScaleSetWorker(
             self._client_for(plan),
             plan.runner,
@@ -417,7 +426,7 @@ class Service:
             metrics=self.metrics.for_runner(plan.runner, url=plan.url),
         )
         task = asyncio.create_task(worker.run(), name=f"worker:{worker.name}")
-        self._running[worker.name] = _Running(plan, worker, task)
+        self._running[worker.name] = _Running(plan, worker, task, initial=initial)
         self._changed.set()
 
     def _all(self) -> list[_Running]:
@@ -481,7 +490,7 @@ class Service:
         if error is None:
             return
         self._failures.append(error)
-        if not entry.worker.ready.is_set():
+        if entry.initial and not entry.worker.ready.is_set():
             self._log.error(
                 "Scale set failed at start-up; stopping", scale_set=name, error=str(error)
             )

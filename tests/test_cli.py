@@ -4,11 +4,12 @@ with the fake tart CLI, which needs no daemon)."""
 
 from __future__ import annotations
 
+import logging
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -153,6 +154,19 @@ def test_version(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
 # --check
 
 
+@pytest.fixture
+def outrunner_logger() -> Iterator[None]:
+    """main() installs its log handler on the ``outrunner`` logger, writing to this test's
+    captured stderr: put the logger back as it was, or later tests log to a closed stream."""
+    logger = logging.getLogger("outrunner")
+    handlers, level = list(logger.handlers), logger.level
+    yield
+    for handler in [h for h in logger.handlers if h not in handlers]:
+        logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+@pytest.mark.usefixtures("outrunner_logger")
 def test_check_prints_one_line_per_scale_set_and_never_the_token(
     farm: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

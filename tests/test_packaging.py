@@ -144,7 +144,7 @@ def test_unit_directives_match_outrunner() -> None:
     program, *args = one(service, "ExecStart").split()
     assert program.endswith("/outrunner")
     assert args == ["--config", "/etc/outrunner/config.yml"]
-    # SIGHUP re-validates the config; it does not stop the process.
+    # SIGHUP reloads the config; it does not stop the process.
     assert one(service, "ExecReload") == "/bin/kill -HUP $MAINPID"
 
     # Restarts: after failures, never after a config error (EX_CONFIG) or a usage error.

@@ -141,3 +141,29 @@ async def test_reload_needs_a_running_service() -> None:
     service = Service(Config(url="https://github.com/o", runners={"a": runner("a")}), token="t")
     with pytest.raises(RuntimeError, match="not running"):
         await service.reload(Config(url="https://github.com/o", runners={"a": runner("a")}))
+
+
+async def test_a_scale_set_a_reload_adds_that_github_refuses_fails_alone() -> None:
+    """Unlike a config mistake at start-up, which ends the run, a bad entry added by a reload
+    (an unknown runner group here) stops only itself; the farm keeps serving."""
+    async with FakeGitHub(pat=TOKEN, long_poll_timeout=0.5) as gh:
+        config = Config(url=gh.config_url(), runners={"linux": runner(max_runners=2)})
+        service = service_for(config, {})
+        async with running(service) as task:
+            bad = runner("bad", ("bad",), runner_group="no-such-group")
+            await service.reload(
+                Config(url=gh.config_url(), runners={**config.runners, "bad": bad})
+            )
+            await eventually(lambda: not service.stopping and len(service.workers) == 2)
+            bad_worker = next(w for w in service.workers if w.name == "bad")
+            await eventually(lambda: not bad_worker.ready.is_set() and _ended(service, "bad"))
+            assert not service.stopping
+            gh.queue_job(["linux"], duration=0.1)
+            await gh.wait_until_jobs_completed_async(1, timeout=30)
+        # Once stopped, the run reports the failure (exit 1 in the command).
+        assert "no-such-group" in str(task.exception())
+
+
+def _ended(service: Service, name: str) -> bool:
+    entry = service._running.get(name)
+    return entry is not None and entry.task.done()
