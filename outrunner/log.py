@@ -47,12 +47,26 @@ Output decisions
 
 Secret redaction
 ----------------
-:func:`register_secret` adds a string (the PAT, the GitHub App private key, a JIT config) to a
-process-wide registry; both formats replace every occurrence in the message, the attribute values
-and traceback text with ``***``. The masking happens on raw text before quoting or JSON escaping,
-so a secret containing quotes or newlines is still found. Strings shorter than four characters are
-ignored (they would mask noise, not secrets); each line of a multi-line secret (a PEM key) is also
-registered, because a ``repr`` escapes the newlines and would hide the whole value from the match.
+Both formats replace secrets in the message, the attribute values and traceback text with
+``***``, on raw text before quoting or JSON escaping, so a secret containing quotes or newlines is
+still found. Two kinds of secret are masked:
+
+* By shape, with no registration: JIT configs and JWTs (admin tokens, GitHub App JWTs). Both are
+  base64 of a JSON object, so they start with ``eyJ`` or ``eyI`` (``{"`` and a letter, as in
+  ``{"alg"``, or a punctuation mark, as in a real JIT config's ``{".runner"``); one precompiled
+  pattern masks every such string of 19 or more characters, with the base64 and base64url
+  alphabets, ``=`` padding and the dots between a JWT's parts, and ``%`` and ``\\`` so that a
+  percent- or JSON-escaped copy is masked whole. A farm holds one JIT config per live runner, so
+  registering each made every log record's cost (and every registration's) grow with the number
+  of runners.
+* By value: :func:`register_secret` adds a string (the PAT, the installation token, the GitHub App
+  private key) to a process-wide registry, reference counted. Strings shorter than four characters
+  are ignored (they would mask noise, not secrets); each line of a multi-line secret (a PEM key) is
+  also registered, because a ``repr`` escapes the newlines and would hide the whole value from the
+  match; a string (or line) that the shape pattern masks anyway is not kept. Registering costs a
+  dictionary update, and masking a text is one ``str.find`` per registered secret: no regular
+  expression is compiled for them, so registering and unregistering never fills Python's regex
+  cache. Where matches of different secrets overlap, the union of them is masked.
 """
 
 from __future__ import annotations
@@ -99,23 +113,32 @@ ExcInfo: TypeAlias = (
 # Secret redaction
 
 
+_SHAPE = re.compile(r"ey[IJ][A-Za-z0-9+/=_\-.%\\]{16,}")
+
+
 class Redactor:
-    """A thread-safe registry of secret strings, and the masking of them out of text.
+    """A thread-safe registry of secret strings, and the masking of them (and of every JIT config
+    and JWT, by shape) out of text.
 
     Registrations are reference counted, so two components registering the same token do not
-    unmask it for each other when one of them unregisters. The combined pattern is compiled when
-    the set changes (rare), never per log record.
+    unmask it for each other when one of them unregisters. Registering and unregistering cost
+    O(1); the tuple of secrets that :meth:`redact` looks for (shortest first, so that a text
+    shorter than a secret skips it and every longer one) is rebuilt at the next call after the set
+    changed.
     """
 
     MASK = "***"
     MIN_LENGTH = 4
+    SHAPE: re.Pattern[str] = _SHAPE
+    """What is masked without registration: JIT configs and JWTs (see the module docstring)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
-        # Replaced wholesale under the lock and read without it: attribute assignment is atomic,
-        # so the hot path (redact) never takes a lock.
-        self._pattern: re.Pattern[str] | None = None
+        # (length, secret), shortest first; replaced wholesale (None when the set changed) and
+        # read without the lock: attribute assignment is atomic, so the hot path (redact) takes
+        # the lock only to rebuild it.
+        self._secrets: tuple[tuple[int, str], ...] | None = ()
 
     def register(self, secret: str) -> None:
         """Mask ``secret`` (and each line of it, when multi-line) from now on."""
@@ -126,21 +149,21 @@ class Redactor:
             before = len(self._counts)
             self._counts.update(pieces)
             if len(self._counts) != before:
-                self._recompile()
+                self._secrets = None
 
     def unregister(self, secret: str) -> None:
         """Undo one :meth:`register` of ``secret``; unknown secrets are ignored."""
         pieces = self._pieces(secret)
+        if not pieces:
+            return
         with self._lock:
-            changed = False
             for piece in pieces:
                 count = self._counts.get(piece, 0)
                 if count <= 1:
-                    changed |= self._counts.pop(piece, None) is not None
+                    if self._counts.pop(piece, None) is not None:
+                        self._secrets = None
                 else:
                     self._counts[piece] = count - 1
-            if changed:
-                self._recompile()
 
     @contextmanager
     def scoped(self, *secrets: str) -> Iterator[None]:
@@ -154,13 +177,41 @@ class Redactor:
                 self.unregister(secret)
 
     def redact(self, text: str) -> str:
-        """Return ``text`` with every registered secret replaced by ``***``."""
-        pattern = self._pattern
-        if pattern is None:
+        """Return ``text`` with every JIT config, JWT and registered secret replaced by ``***``."""
+        secrets = self._secrets
+        if secrets is None:
+            with self._lock:
+                secrets = self._secrets = tuple(sorted((len(s), s) for s in self._counts))
+        # Most texts are short values (names, ids) without "ey" and shorter than any registered
+        # secret: they cost a couple of checks.
+        spans = [match.span() for match in self.SHAPE.finditer(text)] if "ey" in text else []
+        size = len(text)
+        for length, secret in secrets:
+            if length > size:
+                break  # this one and all after it are longer than the text
+            start = text.find(secret)
+            while start >= 0:
+                spans.append((start, start + length))
+                start = text.find(secret, start + 1)
+        if not spans:
             return text
-        return pattern.sub(self.MASK, text)
+        if len(spans) > 1:
+            spans.sort()
+        parts: list[str] = []
+        done = 0  # text[:done] is already in parts
+        start, end = spans[0]
+        for next_start, next_end in spans[1:]:
+            if next_start < end:  # overlapping matches: mask their union
+                end = max(end, next_end)
+                continue
+            parts += (text[done:start], self.MASK)
+            done = end
+            start, end = next_start, next_end
+        parts += (text[done:start], self.MASK, text[end:])
+        return "".join(parts)
 
     def __len__(self) -> int:
+        """The number of distinct registered strings (lines of a multi-line secret count)."""
         return len(self._counts)
 
     def _pieces(self, secret: str) -> list[str]:
@@ -170,15 +221,9 @@ class Redactor:
                 stripped = line.strip()
                 if len(stripped) >= self.MIN_LENGTH and stripped not in pieces:
                     pieces.append(stripped)
-        return pieces
-
-    def _recompile(self) -> None:
-        if not self._counts:
-            self._pattern = None
-            return
-        # Longest first: when one secret contains another, the whole longer one is masked.
-        ordered = sorted(self._counts, key=len, reverse=True)
-        self._pattern = re.compile("|".join(re.escape(s) for s in ordered))
+        # A string the shape pattern matches whole is masked wherever it occurs: the pattern's
+        # match cannot end inside it, as it runs over the characters it is made of.
+        return [piece for piece in pieces if not self.SHAPE.fullmatch(piece)]
 
 
 _REDACTOR = Redactor()

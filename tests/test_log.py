@@ -528,16 +528,29 @@ def test_redactor_rules() -> None:
     assert r.redact("a.b*c") == "a.b*c"  # secrets are literals, not regexes
 
     r.register("secret")  # reference counted: needs two unregisters
-    pattern = r._pattern
-    r.redact("x")
-    assert r._pattern is pattern  # unchanged set: no recompilation
+    assert len(r) == 2
     r.unregister("secret")
     assert r.redact("secret") == "***"
     r.unregister("secret")
     assert r.redact("secret") == "secret"
     r.unregister("never-registered")
     r.unregister("secret-long")
-    assert r._pattern is None
+    assert len(r) == 0
+    assert r.redact("x secret-long y") == "x secret-long y"
+
+
+def test_overlapping_secrets_are_masked_as_their_union() -> None:
+    r = Redactor()
+    r.register("abcdef")
+    r.register("xxabc")
+    # A regex alternation would mask "xxabc" and leave "def" of the other secret.
+    assert r.redact("1 xxabcdef 2") == "1 *** 2"
+    assert r.redact("abcdefabcdef") == "******"  # adjacent matches: one mask each
+    r.register("aaaa")
+    assert r.redact("aaaaaa!") == "***!"  # overlapping occurrences of one secret
+    jwt = "eyJhbGciOiJIUzI1NiJ9.eyJpc3MiOiIxIn0.c2ln"
+    r.register("c2ln-tail")
+    assert r.redact(f"{jwt}-tail end") == "*** end"  # a shape and a registered secret
 
 
 def test_formatter_takes_its_own_redactor() -> None:

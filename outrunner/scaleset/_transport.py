@@ -10,6 +10,19 @@ TLS: by default certificates are verified against the operating system's trust s
 ``truststore`` (as pip does), which is where an administrator installs a private CA and what the
 Go client uses; httpx's own default would be certifi's bundle. A CA file *replaces* those roots,
 like the Go client's ``WithRootCAs``.
+
+Connections: one client serves every scale set with the same URL and credentials, and each of
+their message sessions holds a connection for the whole ~50 s long poll. So each session's queue
+requests (the long-poll GET and the acknowledging DELETE) go through a small connection pool of
+its own (:class:`SessionPool`), as the Go client gives each session an HTTP client of its own
+(``docs/protocol.md`` §3.14); the session, token and acquirejobs calls, like every other API call,
+share the client's pool. Why not one big shared pool with higher limits: httpcore (1.0) closes an
+idle connection whenever its pool holds more connections than ``max_keepalive_connections`` (20
+by default), so with more than 20 sessions every poll opened a new connection, a TLS handshake
+against github.com; the default cap of 100 connections stopped the 101st poll and left API calls
+waiting for a poll to end; and its bookkeeping scans every connection of the pool on each request,
+quadratically when many are idle at once: on loopback, 200 sessions whose polls ended together
+cost 130 ms of CPU per poll in one pool, 2 ms with a pool per session.
 """
 
 from __future__ import annotations
@@ -19,6 +32,7 @@ import json
 import logging
 import re
 import ssl
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -49,6 +63,32 @@ unreachable host must not hold a shutdown for the whole attempt timeout."""
 MAX_REDIRECTS = 10  # like Go's http.Client; more is a redirect loop, and is not retried
 
 SYSTEM_TRUST_STORE = "the system trust store"
+
+KEEPALIVE_EXPIRY = 90.0
+"""Seconds an idle connection is kept for reuse: Go's ``IdleConnTimeout`` in the pooled transport
+the Go client uses, instead of httpx's 5 s, after which a runner's JIT request following a quiet
+spell would pay a new TLS handshake. A connection the server closed meanwhile is noticed (it reads
+as closed) and not reused."""
+API_MAX_CONNECTIONS = 100
+"""Connections the client's pool opens at most (httpx's default): API requests beyond it wait for
+one, so a burst of runners does not open a connection each."""
+API_LIMITS = httpx.Limits(
+    max_connections=API_MAX_CONNECTIONS,
+    # As many idle as may be open: httpcore closes idle connections whenever the pool holds more
+    # than this (see the module docstring), and a burst's connections should serve the next one.
+    max_keepalive_connections=API_MAX_CONNECTIONS,
+    keepalive_expiry=KEEPALIVE_EXPIRY,
+)
+"""Limits of the client's pool: every request but a message session's queue requests."""
+SESSION_MAX_CONNECTIONS = 4
+"""Connections one session's pool opens at most. A session polls one request at a time; the rest
+leave room for an acknowledgement sent while the next poll is out."""
+SESSION_LIMITS = httpx.Limits(
+    max_connections=SESSION_MAX_CONNECTIONS,
+    max_keepalive_connections=SESSION_MAX_CONNECTIONS,
+    keepalive_expiry=KEEPALIVE_EXPIRY,
+)
+"""Limits of a message session's own pool (:class:`SessionPool`)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -139,7 +179,8 @@ class Transport:
         self._system_info = system_info
         self._user_agent = user_agent(system_info)
         context, self._trust = tls_context(verify)
-        self._http = httpx.AsyncClient(
+        self._open_http = partial(
+            httpx.AsyncClient,
             proxy=proxy,  # None: HTTP(S)_PROXY, ALL_PROXY and NO_PROXY from the environment
             verify=context,
             transport=transport,
@@ -147,6 +188,11 @@ class Transport:
             follow_redirects=True,  # like Go's http.Client, which the Go library uses
             max_redirects=MAX_REDIRECTS,
         )
+        self._http = self._open_http(limits=API_LIMITS)
+        # A transport given by the caller makes its own connections: sessions share the client's
+        # httpx client over it (closing several would close it several times).
+        self._shared_only = transport is not None
+        self._session_pools: weakref.WeakSet[SessionPool] = weakref.WeakSet()
         self.admin = AdminTokenCache(self._fetch_admin_connection)
         """The admin token and Actions service URL, refreshed when fewer than 60 s remain."""
 
@@ -160,7 +206,24 @@ class Transport:
         self._user_agent = user_agent(info)
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        """Close the client's pool and the pools of sessions still open."""
+        try:
+            await self._http.aclose()
+        finally:
+            for pool in list(self._session_pools):
+                await pool.aclose()
+
+    def session_pool(self) -> SessionPool:
+        """A connection pool for one message session's queue requests (opened at its first)."""
+        pool = SessionPool(self)
+        self._session_pools.add(pool)
+        return pool
+
+    def _new_session_http(self) -> httpx.AsyncClient | None:
+        """An httpx client for a session's own pool; ``None``: use the client's."""
+        if self._shared_only or self._http.is_closed:
+            return None
+        return self._open_http(limits=SESSION_LIMITS)
 
     async def send(
         self,
@@ -170,14 +233,16 @@ class Transport:
         headers: Mapping[str, str],
         content: bytes | None = None,
         retry_auth_failures: bool = False,
+        via: httpx.AsyncClient | None = None,
     ) -> httpx.Response:
         """Every request of the package goes through here: User-Agent, retries, attempt timeout.
 
         ``retry_auth_failures`` is the runner-registration policy: 401 and 403 are retried too,
         and the last response is handed back when attempts run out (``docs/protocol.md`` §2.3).
+        ``via`` is the httpx client of a :class:`SessionPool`; by default the client's own.
         """
         return await retry.send(
-            self._http,
+            self._http if via is None else via,
             self._retry,
             method,
             url,
@@ -238,3 +303,43 @@ class Transport:
             self.send, self.config, self._credentials
         )
         return await fetch_admin_connection(self.send, self.config, registration_token)
+
+
+class SessionPool:
+    """The connection pool of one message session's queue requests (see the module docstring).
+
+    Requests carry the :class:`Transport`'s User-Agent, retries and timeouts. The pool opens at the
+    first request and again after :meth:`aclose`, so closing it early (the session is deleted, or
+    GitHub no longer has it) frees its connection without breaking a later request. With a
+    transport given to the client (tests), requests use the client's httpx client instead.
+    """
+
+    def __init__(self, transport: Transport) -> None:
+        self._transport = transport
+        self._http: httpx.AsyncClient | None = None
+
+    @property
+    def is_open(self) -> bool:
+        """True while the pool has an httpx client of its own (and may hold a connection)."""
+        return self._http is not None
+
+    async def send(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: Mapping[str, str],
+        content: bytes | None = None,
+    ) -> httpx.Response:
+        """:meth:`Transport.send` through this pool."""
+        if self._http is None:
+            self._http = self._transport._new_session_http()
+        return await self._transport.send(
+            method, url, headers=headers, content=content, via=self._http
+        )
+
+    async def aclose(self) -> None:
+        """Close the pool's connections; idempotent. A later request opens it again."""
+        http, self._http = self._http, None
+        if http is not None:
+            await http.aclose()

@@ -7,7 +7,12 @@ GET and DELETE go to the session's ``messageQueueUrl`` with the queue token only
 the three queue calls refreshes the session (PATCH) and retries once.
 
 Every request goes through the :class:`~outrunner.scaleset._transport.Transport` of the client
-that opened the session, so it carries the client's User-Agent, retries and admin token.
+that opened the session, so it carries the client's User-Agent, retries and admin token. The queue
+GET and DELETE go through a connection pool of the session's own (``SessionPool``), so the long
+polls of many scale sets sharing one client each keep their connection from one poll to the next
+(the reasons are in ``_transport``'s docstring). The pool is closed when the session is deleted or
+closed, or when a refresh finds that GitHub no longer has the session, so a session given up is
+not left holding a connection; a later queue request would open it again.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from outrunner.scaleset._transport import Transport
 from outrunner.scaleset.errors import (
     MessageQueueTokenExpiredError,
     ScaleSetError,
+    SessionExpiredError,
     response_error,
     status_line,
 )
@@ -58,6 +64,7 @@ class MessageSession:
         self, transport: Transport, scale_set_id: int, session: RunnerScaleSetSession
     ) -> None:
         self._transport = transport
+        self._queue = transport.session_pool()
         self._scale_set_id = scale_set_id
         self._session = session
         self._refresh_lock = asyncio.Lock()
@@ -118,7 +125,10 @@ class MessageSession:
     async def _refresh_locked(self) -> RunnerScaleSetSession:
         response = await self._transport.actions_request("PATCH", self._session_path())
         if response.status_code != 200:
-            raise _unexpected(response)
+            error = _unexpected(response)
+            if isinstance(error, SessionExpiredError) or error.status == 404:
+                await self._queue.aclose()  # GitHub no longer has the session
+            raise error
         self._session = _json.parse_response(response, _json.parse_session, "message session")
         return self._session
 
@@ -130,6 +140,7 @@ class MessageSession:
         if response.status_code != 204:
             raise _unexpected(response)
         self._deleted = True
+        await self._queue.aclose()
         _log.info(
             "Deleted message session",
             extra={"attrs": {"scale_set_id": self._scale_set_id}},
@@ -144,6 +155,8 @@ class MessageSession:
                 "Failed to delete message session",
                 extra={"attrs": {"scale_set_id": self._scale_set_id, "error": str(exc)}},
             )
+        finally:
+            await self._queue.aclose()
 
     # ------------------------------------------------------------------------------ queue
 
@@ -176,7 +189,7 @@ class MessageSession:
             "Authorization": f"Bearer {session.message_queue_access_token}",
             MAX_CAPACITY_HEADER: str(max_capacity),
         }
-        response = await self._transport.send("GET", url, headers=headers)
+        response = await self._queue.send("GET", url, headers=headers)
         if response.status_code == 202:
             return None
         if response.status_code == 200:
@@ -191,7 +204,7 @@ class MessageSession:
             "Authorization": f"Bearer {session.message_queue_access_token}",
         }
         url = append_path(session.message_queue_url, str(message_id))
-        response = await self._transport.send("DELETE", url, headers=headers)
+        response = await self._queue.send("DELETE", url, headers=headers)
         if response.status_code != 204:
             raise _unexpected(response, token_expired=response.status_code == 401)
 
