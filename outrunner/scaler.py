@@ -213,6 +213,9 @@ class Scaler:
         # Slots reserved by handle_desired_runner_count calls whose JIT requests are in flight;
         # counting them is what keeps concurrent calls from overshooting the target.
         self._reserved = 0
+        self._adding: set[asyncio.Task[None]] = set()
+        self._held_back = False
+        """JIT requests in flight, each in its own task (see handle_desired_runner_count)."""
         self._naming: set[str] = set()
         self._draining = asyncio.Event()
         self._forced = asyncio.Event()
@@ -306,25 +309,50 @@ class Scaler:
         (the warm pool, as ARC and the actions/scaleset example size it), so a runner that takes
         a job is replaced by the next demand signal, which counts that job.
 
-        Returns once the new runners are registered and their lifecycles started, without waiting
-        for provisioning. A JIT request that fails fails its slot only (logged; the next demand
-        signal tries again). After failed starts, new runners wait out the start backoff (the
-        demand is remembered and acted on when it ends) and then come one at a time until a
-        start succeeds. The result counts tracked runners plus those other calls are adding.
+        Runners that are stopping take no more jobs, so they do not count towards the demand;
+        their environments still count against ``max_runners`` until they are gone, and the
+        Scaler tops up from the latest demand as each one finishes stopping.
+
+        Returns at once: the JIT requests of new runners run in tasks of their own (so a burst
+        never holds up the listener's next poll), at most ``jit_concurrency`` at a time. A JIT
+        request that fails fails its slot only (logged; the next demand signal tries again).
+        After failed starts, new runners wait out the start backoff (the demand is remembered
+        and acted on when it ends) and then come one at a time until a start succeeds. The
+        result counts tracked runners plus those being added.
         """
         self._desired = count
         target = min(self._max_runners, max(count, 0) + self._min_runners)
+        stopping = sum(state.phase is RunnerPhase.STOPPING for state in self._runners.values())
         current = len(self._runners) + self._reserved
-        missing = 0 if self.draining else target - current
-        self._log.debug("Desired runner count", requested=count, target=target, current=current)
+        room = self._max_runners - current
+        wanted = target - (current - stopping)
+        # Demand that only stopping environments hold back is met as soon as one is gone.
+        self._held_back = stopping > 0 and wanted > room
+        missing = 0 if self.draining else min(wanted, room)
+        self._log.debug(
+            "Desired runner count",
+            requested=count,
+            target=target,
+            current=current,
+            stopping=stopping,
+        )
         if missing > 0 and self._start_failures:
             missing = self._probes_allowed(missing)
         if missing > 0:
             if not self.scale_set_id:
                 raise ScalerError("the scale set id is not known yet")
             self._reserved += missing
-            await asyncio.gather(*(self._add_runner() for _ in range(missing)))
+            for _ in range(missing):
+                task = asyncio.create_task(self._add_runner(), name=f"add-runner:{self._prefix}")
+                self._adding.add(task)
+                task.add_done_callback(self._adding.discard)
         return len(self._runners) + self._reserved
+
+    async def settled(self) -> None:
+        """Wait until the runners being added are registered (their JIT requests answered)
+        and tracked, or have failed; for tests and tools that inspect the Scaler."""
+        while self._adding:
+            await asyncio.wait(set(self._adding))
 
     async def handle_job_started(self, job: JobStarted) -> None:
         state = self._runners.get(job.runner_name)
@@ -390,6 +418,10 @@ class Scaler:
         self._forced.set()
         await cancel_and_wait(self._start_retry)
         await cancel_and_wait(self._reaper)
+        # JIT requests still in flight are cancelled; each leaves a lookup-by-name
+        # deregistration behind (the request may have registered it), settled below.
+        for adding in list(self._adding):
+            await cancel_and_wait(adding)
         for start in list(self._start_tasks.values()):
             start.cancel()
         loop = asyncio.get_running_loop()
@@ -442,6 +474,10 @@ class Scaler:
             # The request may have reached GitHub before failing (a dropped answer).
             self._start_deregistration(name, 0)
             return
+        except asyncio.CancelledError:
+            # Shut down mid-request: GitHub may have registered it all the same.
+            self._start_deregistration(name, 0)
+            raise
         finally:
             # Released in the same step that tracks the runner, so the count never double-counts.
             self._reserved -= 1
@@ -451,8 +487,9 @@ class Scaler:
             # used, but do not leave the registration behind either.
             self._start_deregistration(name, jit.runner.id)
             return
-        # The JIT config lets whoever holds it act as this runner: mask it in every log line
-        # until the runner is forgotten.
+        # The JIT config lets whoever holds it act as this runner. The log redactor masks it by
+        # its shape (base64 JSON) without this; registering it too is the fallback should
+        # GitHub ever change the format, and costs O(1) (outrunner/log.py).
         register_secret(jit.encoded_jit_config)
         state = RunnerState(name=name, runner_id=jit.runner.id, created_at=self._clock())
         self._track(state)
@@ -517,8 +554,10 @@ class Scaler:
                 self._empty.set()
             if self._on_phase_change is not None:
                 self._on_phase_change(state.name, None)
-            if state.reaped and not self.draining:
-                # Its replacement should not wait for the next message (up to a 50 s poll).
+            if (state.reaped or self._held_back) and not self.draining:
+                # Its slot is free and demand was waiting for it (or it was reaped and needs a
+                # replacement): act on the latest demand now, not at the next message, which may
+                # be a 50 s long poll away.
                 self._schedule_start_retry()
 
     async def _wait_for_end(self, state: RunnerState) -> bool:

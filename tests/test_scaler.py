@@ -110,6 +110,20 @@ class FakeClient:
         self.registered = {n: i for n, i in self.registered.items() if i != runner_id}
 
 
+class SettlingScaler(Scaler):
+    """A Scaler whose ``handle_desired_runner_count`` also waits for the JIT requests it
+    started (the real one returns at once, so a burst never holds up the listener): the tests
+    built on it check the bookkeeping right after the call."""
+
+    async def handle_desired_runner_count(self, count: int) -> int:
+        before = set(self._adding)
+        await super().handle_desired_runner_count(count)
+        started = self._adding - before  # this call's requests; another call's may be gated
+        if started:
+            await asyncio.wait(started)
+        return len(self._runners) + self._reserved
+
+
 def make_scaler(
     client: FakeClient,
     prov: InMemoryProvisioner,
@@ -118,7 +132,7 @@ def make_scaler(
     prefix: str = "test",
     **kwargs: object,
 ) -> Scaler:
-    return Scaler(
+    return SettlingScaler(
         client,
         scale_set_id=1,
         max_runners=max_runners,
@@ -426,12 +440,14 @@ async def test_shutdown_while_jit_in_flight_deregisters_and_starts_nothing() -> 
     client.jit_gate = gate
     prov = InMemoryProvisioner()
     s = make_scaler(client, prov)
-    call = asyncio.create_task(s.handle_desired_runner_count(2))
+    # The real Scaler: the call returns while the JIT requests are in flight.
+    assert await Scaler.handle_desired_runner_count(s, 2) == 2
     await eventually(lambda: client.in_flight == 2)
     await s.shutdown()
     gate.set()
-    assert await call == 0
-    assert sorted(client.removed) == [1, 2]
+    assert client.in_flight == 0  # cancelled
+    # GitHub may have registered them before the cancellation: both are looked up by name.
+    assert len(client.lookups) == 2
     assert prov.events == []
     assert await s.handle_desired_runner_count(5) == 0
 
@@ -515,7 +531,7 @@ async def test_stop_timeout_is_bounded_and_still_deregisters() -> None:
     await eventually(lambda: phases(s) == [RunnerPhase.IDLE])
     await s.handle_job_completed(JobCompleted(runner_name=s.runners()[0].name))
     await eventually(lambda: s.runners() == [])
-    assert client.removed == [1]
+    await eventually(lambda: client.removed == [1])
     await s.shutdown()
 
 
@@ -527,7 +543,7 @@ async def test_runner_already_gone_at_github_is_not_a_failure() -> None:
     await eventually(lambda: phases(s) == [RunnerPhase.IDLE])
     await s.handle_job_completed(JobCompleted(runner_name=s.runners()[0].name))
     await eventually(lambda: s.runners() == [])
-    assert client.removed == [1]
+    await eventually(lambda: client.removed == [1])
     await s.shutdown()
 
 
@@ -660,4 +676,86 @@ async def test_job_completed_just_after_the_environment_ended_is_not_a_death(
     assert exited.levelno == logging.INFO
     assert prov.stopped == [name]
     assert client.removed == [1]
+    await s.shutdown()
+
+
+async def test_a_burst_never_holds_up_the_caller() -> None:
+    """The listener's next poll is not held up by a burst's JIT requests: the call returns with
+    the slots reserved while the requests are in flight (at most jit_concurrency at a time)."""
+    client, gate = FakeClient(), asyncio.Event()
+    client.jit_gate = gate
+    s = Scaler(
+        client,
+        scale_set_id=1,
+        max_runners=20,
+        name_prefix="test",
+        runner=RUNNER,
+        provisioner=InMemoryProvisioner(),
+        jit_concurrency=4,
+    )
+    async with asyncio.timeout(1):
+        assert await s.handle_desired_runner_count(10) == 10
+    await eventually(lambda: client.in_flight == 4)
+    # A second signal while they are in flight counts them: nothing more is requested.
+    assert await s.handle_desired_runner_count(10) == 10
+    gate.set()
+    await s.settled()
+    assert len(client.jit_names) == 10
+    await eventually(lambda: phases(s) == [RunnerPhase.IDLE] * 10)
+    await s.shutdown()
+
+
+async def test_stopping_runners_do_not_hold_up_demand() -> None:
+    """A runner that is stopping takes no job: a new job gets a new runner at once where
+    max_runners leaves room, and as soon as the stop finishes where it does not."""
+    client, release = FakeClient(), asyncio.Event()
+    prov = InMemoryProvisioner()
+    real_stop = prov.stop
+
+    async def slow_stop(name: str) -> None:
+        await release.wait()
+        await real_stop(name)
+
+    prov.stop = slow_stop  # type: ignore[method-assign]
+    s = make_scaler(client, prov, max_runners=2)
+    await s.handle_desired_runner_count(2)
+    await eventually(lambda: phases(s) == [RunnerPhase.IDLE] * 2)
+    first, second = (r.name for r in s.runners())
+    for name in (first, second):
+        await s.handle_job_started(JobStarted(runner_name=name))
+    await s.handle_job_completed(JobCompleted(runner_name=first, result="succeeded"))
+    await eventually(lambda: RunnerPhase.STOPPING in phases(s))
+    # A new job is assigned (2 assigned: the running one and the new one). The stopping
+    # environment still counts against max_runners: no room yet.
+    assert await s.handle_desired_runner_count(2) == 2
+    assert len(client.jit_names) == 2
+    release.set()
+    # The stop finishes and the waiting demand is met without another message from GitHub.
+    await eventually(lambda: len(client.jit_names) == 3)
+    await eventually(lambda: sorted(phases(s)) == [RunnerPhase.IDLE, RunnerPhase.RUNNING])
+    await s.shutdown()
+
+
+async def test_a_stopping_runner_does_not_count_as_available() -> None:
+    client, release = FakeClient(), asyncio.Event()
+    prov = InMemoryProvisioner()
+    real_stop = prov.stop
+
+    async def slow_stop(name: str) -> None:
+        await release.wait()
+        await real_stop(name)
+
+    prov.stop = slow_stop  # type: ignore[method-assign]
+    s = make_scaler(client, prov, max_runners=3)
+    await s.handle_desired_runner_count(1)
+    await eventually(lambda: phases(s) == [RunnerPhase.IDLE])
+    (name,) = (r.name for r in s.runners())
+    await s.handle_job_started(JobStarted(runner_name=name))
+    await s.handle_job_completed(JobCompleted(runner_name=name, result="succeeded"))
+    await eventually(lambda: phases(s) == [RunnerPhase.STOPPING])
+    # The next job: room under max_runners, so its runner starts now, not after the stop.
+    assert await s.handle_desired_runner_count(1) == 2
+    assert len(client.jit_names) == 2
+    release.set()
+    await eventually(lambda: phases(s) == [RunnerPhase.IDLE])
     await s.shutdown()
