@@ -309,9 +309,11 @@ class Scaler:
         (the warm pool, as ARC and the actions/scaleset example size it), so a runner that takes
         a job is replaced by the next demand signal, which counts that job.
 
-        Runners that are stopping take no more jobs, so they do not count towards the demand;
-        their environments still count against ``max_runners`` until they are gone, and the
-        Scaler tops up from the latest demand as each one finishes stopping.
+        A runner stopping after its JobCompleted message takes no more jobs and is no longer in
+        GitHub's count, so it does not count towards the demand; its environment still counts
+        against ``max_runners`` until it is gone, and demand it held back is met as soon as it
+        is. (A runner stopping because its environment ended counts until its JobCompleted
+        arrives: the statistics may still count its job, and a runner for it would idle.)
 
         Returns at once: the JIT requests of new runners run in tasks of their own (so a burst
         never holds up the listener's next poll), at most ``jit_concurrency`` at a time. A JIT
@@ -322,19 +324,22 @@ class Scaler:
         """
         self._desired = count
         target = min(self._max_runners, max(count, 0) + self._min_runners)
-        stopping = sum(state.phase is RunnerPhase.STOPPING for state in self._runners.values())
+        finished = sum(
+            state.phase is RunnerPhase.STOPPING and state.is_done
+            for state in self._runners.values()
+        )
         current = len(self._runners) + self._reserved
         room = self._max_runners - current
-        wanted = target - (current - stopping)
-        # Demand that only stopping environments hold back is met as soon as one is gone.
-        self._held_back = stopping > 0 and wanted > room
+        wanted = target - (current - finished)
+        # Demand that only finished environments hold back is met as soon as one is gone.
+        self._held_back = finished > 0 and wanted > room
         missing = 0 if self.draining else min(wanted, room)
         self._log.debug(
             "Desired runner count",
             requested=count,
             target=target,
             current=current,
-            stopping=stopping,
+            finished=finished,
         )
         if missing > 0 and self._start_failures:
             missing = self._probes_allowed(missing)

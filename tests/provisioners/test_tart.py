@@ -366,7 +366,8 @@ async def test_exec_that_always_fails_ends_in_a_boot_timeout(
 ) -> None:
     fake.set_fault("exec", "Failed to connect to the VM using its control socket")
     name = runner_name(scale_set)
-    runner = tart_runner(scale_set, fake, idle, boot_timeout=1.0)
+    # 3 s: a few failed probes (each a new process) even on a busy machine.
+    runner = tart_runner(scale_set, fake, idle, boot_timeout=3.0)
     with pytest.raises(TartProvisionerError) as caught:
         await provisioner.start(request(name, runner))
     assert "last: exit status 1: Failed to connect to the VM" in str(caught.value)
