@@ -141,8 +141,14 @@ def test_a_45_second_outage_destroys_no_busy_runner(
         with run_script(config, env) as script:
             jobs = start_busy(gh, [15.0, 30.0, 60.0])
             started_on = runner_of(gh, jobs)
+            # The agent (host network) can take its job before dockerd has marked its
+            # container running: wait for dockerd's view (seen 1 run in 10 without the wait).
+            eventually(
+                lambda: set(containers(engine, running_only=True)) == set(started_on.values()),
+                10,
+                "the busy runners' containers to show as running",
+            )
             before = containers(engine, running_only=True)
-            assert set(before) == set(started_on.values())
             first_session = gh.sessions()[0].session_id
             with gh.outage():
                 time.sleep(45)
