@@ -1,0 +1,155 @@
+"""In-memory environments whose runners run in another process and talk HTTP to the fake.
+
+The benchmark measures outrunner's process alone, so the "environments" of its in-memory runs
+must not run their runner agents there. :class:`AgentPoolProvisioner` is an
+:class:`~outrunner.testing.InMemoryProvisioner` (the whole provisioner contract) whose workload
+hands the runner's JIT config to the agent pool, a separate process
+(``python -m bench._agents --socket PATH``), over a Unix socket, and returns when that runner's
+agent has exited. The pool runs :func:`outrunner.testing.agent.run_agent` for each runner: it
+connects to the fake over HTTP, takes a job, "runs" it and reports it, as a real runner does.
+
+Wire format, one line each way: ``start <name> <jit>`` / ``stop <name>`` to the pool,
+``exit <name> <ok|error|stopped>`` back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import sys
+
+import httpx
+
+from outrunner.provisioner import RunnerRequest
+from outrunner.testing import InMemoryProvisioner
+from outrunner.testing.agent import AgentError, run_agent
+
+__all__ = ["AgentPool", "AgentPoolProvisioner", "main"]
+
+
+class AgentPool:
+    """One connection to the agent pool process, shared by every provisioner of a process."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+        self._connecting = asyncio.Lock()
+        self._exits: dict[str, asyncio.Future[str]] = {}
+
+    async def _connect(self) -> asyncio.StreamWriter:
+        async with self._connecting:
+            if self._writer is None:
+                reader, writer = await asyncio.open_unix_connection(self._path, limit=1 << 20)
+                self._writer = writer
+                self._reader_task = asyncio.create_task(self._read(reader))
+            return self._writer
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        while line := await reader.readline():
+            _, name, outcome = line.decode().split()
+            future = self._exits.pop(name, None)
+            if future is not None and not future.done():
+                future.set_result(outcome)
+        for future in self._exits.values():  # the pool went away: every agent is gone
+            if not future.done():
+                future.set_result("lost")
+
+    async def run(self, request: RunnerRequest) -> str:
+        """Start the runner's agent in the pool; return how it ended. Cancelling stops it."""
+        writer = await self._connect()
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._exits[request.name] = future
+        writer.write(f"start {request.name} {request.jit_config}\n".encode())
+        try:
+            return await future
+        finally:
+            if not future.done():  # cancelled: the environment is being stopped
+                self._exits.pop(request.name, None)
+                writer.write(f"stop {request.name}\n".encode())
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            with contextlib.suppress(OSError):
+                await self._writer.wait_closed()
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader_task
+
+
+class AgentPoolProvisioner(InMemoryProvisioner):
+    """An in-memory environment per runner whose agent runs in the pool process."""
+
+    def __init__(self, pool: AgentPool) -> None:
+        super().__init__(workload=pool.run)
+
+
+# -- the pool process ------------------------------------------------------------------------
+
+
+class _Agents:
+    def __init__(self) -> None:
+        # Every agent shares one client; the fake is on loopback, so no proxy and no pool cap.
+        self.client = httpx.AsyncClient(
+            trust_env=False,
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=2000),
+        )
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.finished = 0
+        self.failed = 0
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while line := await reader.readline():
+            verb, name, *rest = line.decode().split()
+            if verb == "start":
+                self.tasks[name] = asyncio.create_task(self._agent(name, rest[0], writer))
+            elif verb == "stop":
+                task = self.tasks.pop(name, None)
+                if task is not None:
+                    task.cancel()
+        for task in self.tasks.values():
+            task.cancel()
+
+    async def _agent(self, name: str, jit: str, writer: asyncio.StreamWriter) -> None:
+        outcome = "ok"
+        try:
+            await run_agent(jit, client=self.client, poll_timeout=30.0, retry_for=30.0)
+            self.finished += 1
+        except asyncio.CancelledError:
+            outcome = "stopped"
+            raise
+        except (AgentError, httpx.HTTPError, TimeoutError):
+            outcome = "error"
+            self.failed += 1
+        finally:
+            self.tasks.pop(name, None)
+            if outcome != "stopped" and not writer.is_closing():
+                writer.write(f"exit {name} {outcome}\n".encode())
+
+
+async def _main(path: str) -> None:
+    agents = _Agents()
+    server = await asyncio.start_unix_server(agents.serve, path, limit=1 << 20)
+    async with server:
+        os.chmod(path, 0o600)  # the lines carry JIT configs: only this user may connect
+        print(json.dumps({"socket": path}), flush=True)
+        # Runs until the orchestrator closes our stdin (or kills us).
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+        await agents.client.aclose()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Runner agents for bench.e2e's in-memory runs")
+    parser.add_argument("--socket", required=True)
+    args = parser.parse_args()
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_main(args.socket))
+
+
+if __name__ == "__main__":
+    main()

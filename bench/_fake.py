@@ -1,0 +1,190 @@
+"""The fake GitHub in a process of its own, driven by the end-to-end benchmark over JSON lines.
+
+    python -m bench._fake --long-poll 50
+
+Prints ``{"url": ..., "config_url": ...}`` once it listens on 127.0.0.1, then answers one JSON
+request per line (see :func:`_Controls.handle`). On top of :class:`FakeGitHub` it counts the TCP
+connections it accepts and times every request (when it arrived, when its answer was ready), so
+the orchestrator can tell when a job's message was delivered, acknowledged and its runner
+registered without instrumenting outrunner.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any
+
+from bench._proc import percentile, serve_lines
+from outrunner.testing import FakeGitHub
+from outrunner.testing.fakegithub.model import JobState
+from outrunner.testing.fakegithub.routes import Request, Response, Router
+
+
+def _kind(method: str, path: str) -> str:
+    """The request's part in a job's life, from its method and path."""
+    if "/queue/" in path:
+        return "message" if method == "GET" else "ack"
+    if path.endswith("/generatejitconfig"):
+        return "jit"
+    if path.endswith("/_agent/connect"):
+        return "agent_connect"
+    if path.endswith("/_agent/complete"):
+        return "agent_complete"
+    if "/agents/" in path and method == "DELETE":
+        return "deregister"
+    return "other"
+
+
+def _job_ids(body: bytes) -> list[int]:
+    """runnerRequestIds of the JobAssigned/JobAvailable messages of a message answer."""
+    try:
+        messages = json.loads(json.loads(body)["body"])
+    except (ValueError, KeyError, TypeError):
+        return []
+    return [
+        int(m["runnerRequestId"])
+        for m in messages
+        if m.get("messageType") in ("JobAssigned", "JobAvailable")
+    ]
+
+
+class _TimedRouter:
+    """Wraps the fake's router: times each request and notes a message's job ids."""
+
+    def __init__(self, router: Router) -> None:
+        self._router = router
+        self._lock = threading.Lock()
+        self.timings: list[tuple[str, float, float, int, list[int]]] = []
+        self.counts: Counter[str] = Counter()
+
+    def handle(self, request: Request) -> Response | None:
+        began = time.time()
+        response = self._router.handle(request)
+        ended = time.time()
+        kind = _kind(request.method, request.path)
+        status = 0 if response is None else response.status
+        jobs = _job_ids(response.body) if response is not None and kind == "message" else []
+        with self._lock:
+            self.timings.append((kind, began, ended, status, jobs))
+            self.counts[kind] += 1
+        return response
+
+    def since(self, when: float) -> list[tuple[str, float, float, int, list[int]]]:
+        with self._lock:
+            return [t for t in self.timings if t[2] >= when]
+
+
+class _Controls:
+    def __init__(self, gh: FakeGitHub) -> None:
+        self.gh = gh
+        server = gh._server  # the fake's HTTP server: wrapped to count and time, nothing else
+        assert server is not None
+        self.router = _TimedRouter(server.router)
+        server.router = self.router  # type: ignore[assignment]
+        self.connections = 0
+        accept = server.process_request
+
+        def counting(request: Any, client_address: Any) -> None:
+            self.connections += 1  # only the serving thread accepts
+            accept(request, client_address)
+
+        server.process_request = counting  # type: ignore[method-assign]
+        self._sampler: threading.Thread | None = None
+        self._sampling = threading.Event()
+        self.peak_running = 0
+
+    def handle(self, request: dict[str, Any]) -> Mapping[str, Any]:
+        cmd = request["cmd"]
+        gh = self.gh
+        if cmd == "queue":
+            labels = request.get("labels", ["linux"])
+            duration = float(request.get("duration", 0.0))
+            began = time.time()
+            ids = [gh.queue_job(labels, duration=duration) for _ in range(int(request["n"]))]
+            return {"t": began, "ids": ids}
+        if cmd == "state":
+            return self._state()
+        if cmd == "timings":
+            return {"timings": self.router.since(float(request.get("since", 0.0)))}
+        if cmd == "latency":
+            return {"latency": self._latency(float(request.get("since", 0.0)))}
+        if cmd == "cancel_all":
+            open_jobs = [j.id for j in gh.jobs() if j.state is not JobState.COMPLETED]
+            for job in open_jobs:
+                gh.cancel_job(job)
+            return {"cancelled": len(open_jobs)}
+        if cmd == "sample":
+            self._start_sampling(float(request.get("interval", 0.25)))
+            return {}
+        if cmd == "quit":
+            self._sampling.set()
+            return {}
+        raise ValueError(f"unknown command {cmd!r}")
+
+    def _latency(self, since: float) -> dict[str, dict[str, float]]:
+        """Per kind of request since ``since``: count, and the fake's handling time in ms
+        (median, p95, max); long polls (message, agent_connect) include their wait."""
+        by_kind: dict[str, list[float]] = {}
+        for kind, began, ended, _, _ in self.router.since(since):
+            by_kind.setdefault(kind, []).append((ended - began) * 1000)
+        return {
+            kind: {
+                "n": len(values),
+                "p50": percentile(values, 0.5),
+                "p95": percentile(values, 0.95),
+                "max": max(values),
+            }
+            for kind, values in by_kind.items()
+        }
+
+    def _state(self) -> dict[str, Any]:
+        gh = self.gh
+        jobs = Counter(str(job.state) for job in gh.jobs())
+        runners = gh.runners()
+        sessions = gh.sessions()
+        return {
+            "t": time.time(),
+            "jobs": dict(jobs),
+            "completed": jobs.get(str(JobState.COMPLETED), 0),
+            "runners": len(runners),
+            "idle_runners": sum(str(r.status) == "idle" for r in runners),
+            "sessions": len(sessions),
+            "session_polls": {s.session_id: s.polls for s in sessions},
+            "connections": self.connections,
+            "requests": dict(self.router.counts),
+            "peak_running": self.peak_running,
+        }
+
+    def _start_sampling(self, interval: float) -> None:
+        """Track the peak number of running jobs (statistics are cheap to read)."""
+        self.peak_running = 0
+        if self._sampler is not None:
+            return
+
+        def sample() -> None:
+            while not self._sampling.wait(interval):
+                ids = [s.id for s in self.gh.scale_sets()]
+                running = sum(self.gh.statistics(i).total_running_jobs for i in ids)
+                self.peak_running = max(self.peak_running, running)
+
+        self._sampler = threading.Thread(target=sample, name="bench-sampler", daemon=True)
+        self._sampler.start()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="The fake GitHub, for bench.e2e")
+    parser.add_argument("--long-poll", type=float, default=50.0)
+    args = parser.parse_args()
+    with FakeGitHub(long_poll_timeout=args.long_poll) as gh:
+        controls = _Controls(gh)
+        print(json.dumps({"url": gh.url, "config_url": gh.config_url()}), flush=True)
+        serve_lines(controls.handle)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""The end-to-end benchmark's plots (matplotlib, the ``bench`` extra), as PNG files."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+
+import matplotlib.pyplot as plt
+from matplotlib.axes import Axes
+
+from bench._report import MB_IN_MIB, SPLIT_LABELS, split_medians
+
+__all__ = ["plot_all"]
+
+COLORS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860")
+
+
+def plot_all(results: dict[str, Any], folder: Path) -> list[Path]:
+    """Write every plot the results allow into ``folder``; return their paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    docker = results.get("docker")
+    if isinstance(docker, dict) and "single" in docker:
+        written.append(_latency_split(docker, folder / "e2e-latency-split.png"))
+    memory = results.get("memory")
+    if isinstance(memory, list) and memory:
+        written.append(_memory_scaling(memory, folder / "e2e-jobs-scaling.png"))
+    idle = results.get("idle")
+    if isinstance(idle, list) and idle:
+        written.append(_idle_scaling(idle, folder / "e2e-idle-scale-sets.png"))
+    return written
+
+
+def _latency_split(docker: dict[str, Any], path: Path) -> Path:
+    """Stacked bars: outrunner's way from queued to container start, against the raw SDK's."""
+    ours = docker["single"]["outrunner"]
+    raw = docker["single"]["raw"]
+    segments = [0.0 if v is None else v * 1000 for v in split_medians(ours)]
+    raw_created = statistics.median(r["created"] for r in raw) * 1000
+    raw_started = statistics.median(r["started"] for r in raw) * 1000
+    fig, ax = plt.subplots(figsize=(9, 3.4), layout="constrained")
+    left = 0.0
+    for index, (label, width) in enumerate(zip(SPLIT_LABELS, segments, strict=True)):
+        ax.barh(1, width, left=left, color=COLORS[index], label=f"{label}: {width:.0f} ms")
+        left += width
+    ax.barh(0, raw_created, color=COLORS[4], hatch="//", edgecolor="white")
+    ax.barh(
+        0,
+        raw_started - raw_created,
+        left=raw_created,
+        color=COLORS[5],
+        hatch="//",
+        edgecolor="white",
+    )
+    ax.axvline(raw_started + 25, color="black", linestyle="--", linewidth=1)
+    ax.text(raw_started + 27, 0.5, "goal: raw + 25 ms", fontsize=8, va="center")
+    ax.set_yticks([0, 1], ["raw SDK\ncreate+start", "outrunner\n(queued job)"])
+    ax.set_xlabel(f"milliseconds (medians of {len(ours)} runs each, engine's start event)")
+    ax.set_title("One job with real Docker: where the time goes")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=2, fontsize=8, frameon=False)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _memory_scaling(levels: list[dict[str, Any]], path: Path) -> Path:
+    x = [level["concurrency"] for level in levels]
+    fig, (cpu, rss, lag) = plt.subplots(1, 3, figsize=(11, 3.4), layout="constrained")
+    _curve(cpu, x, [level["cpu_ms_per_lifecycle"] for level in levels], 5.0, "goal 5 ms")
+    cpu.set_ylabel("CPU ms per job lifecycle")
+    _curve(rss, x, [level["peak_rss_mib"] for level in levels], 150 * MB_IN_MIB, "goal 150 MB")
+    rss.set_ylabel("peak RSS, MiB")
+    _curve(lag, x, [level["lag_max_ms"] for level in levels], 100.0, "goal 100 ms")
+    lag.set_ylabel("longest event-loop stall, ms")
+    for ax in (cpu, rss, lag):
+        ax.set_xscale("log")
+        ax.set_xlabel("jobs at once (max_runners)")
+    fig.suptitle("Many jobs, in-memory environments: outrunner's process")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _idle_scaling(levels: list[dict[str, Any]], path: Path) -> Path:
+    x = [level["scale_sets"] for level in levels]
+    fig, (cpu, rss, conns) = plt.subplots(1, 3, figsize=(11, 3.4), layout="constrained")
+    _curve(cpu, x, [level["cpu_pct"] for level in levels], 1.5, "goal 1.5%")
+    cpu.set_ylabel("CPU, % of one core")
+    _curve(rss, x, [level["rss_mib"] for level in levels], 100 * MB_IN_MIB, "goal 100 MB")
+    rss.set_ylabel("RSS, MiB")
+    _curve(conns, x, [level["connections_per_poll"] for level in levels], 0.0, "goal 0")
+    conns.set_ylabel("new TCP connections per poll")
+    for ax in (cpu, rss, conns):
+        ax.set_xlabel("idle scale sets")
+    poll = levels[0]["long_poll_s"]
+    fig.suptitle(f"Idle scale sets (each poll held {poll:g} s): outrunner's process")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _curve(ax: Axes, x: list[int], y: list[float], goal: float, label: str) -> None:
+    ax.plot(x, y, marker="o", color=COLORS[0])
+    for xi, yi in zip(x, y, strict=True):
+        ax.annotate(
+            f"{yi:.3g}",
+            (xi, yi),
+            textcoords="offset points",
+            xytext=(0, 6),
+            ha="center",
+            fontsize=8,
+        )
+    ax.axhline(goal, color=COLORS[3], linestyle="--", linewidth=1, label=label)
+    ax.set_ylim(bottom=0, top=max([*y, goal]) * 1.25 or 1.0)
+    ax.legend(fontsize=8, loc="upper left")
+    ax.grid(alpha=0.3)
