@@ -84,9 +84,13 @@ class _Rules:
     from_key: bool = False
     relative_to_file: bool = False
     path_checks: tuple[Check, ...] = ()
+    duration: bool = False
 
 
 _RULES_KEY: Final = "outrunner.schema"
+_DURATION_PART: Final = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_DURATION: Final = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|h|m|s))+")
+_DURATION_UNITS: Final = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 _NO_RULES: Final = _Rules()
 
 
@@ -99,6 +103,7 @@ def rules(
     from_key: bool = False,
     relative_to_file: bool = False,
     path_checks: Iterable[Check] = (),
+    duration: bool = False,
 ) -> dict[str, Any]:
     """Field metadata for the decoder.
 
@@ -113,6 +118,8 @@ def rules(
     relative_to_file: a relative path is resolved against the directory of the config file.
     path_checks: run on a path after ``relative_to_file`` resolved it, e.g. that the file it
         names can be read (``checks`` see the value as written).
+    duration: a ``float`` field of seconds that also takes a duration string such as ``90s``,
+        ``30m``, ``8h`` or ``1h30m`` (Go's units h, m, s, ms).
     """
     return {
         _RULES_KEY: _Rules(
@@ -124,6 +131,7 @@ def rules(
             from_key=from_key,
             relative_to_file=relative_to_file,
             path_checks=tuple(path_checks),
+            duration=duration,
         )
     }
 
@@ -562,6 +570,8 @@ class Decoder:
             value = self._mapping(raw, typing.get_args(tp)[1], r, loc)
         elif _is_dataclass_type(tp):
             value = self._dataclass(raw, tp, loc, key)
+        elif r.duration and tp is float and isinstance(raw, str):
+            value = self._duration(raw, loc)
         else:
             value = self._scalar(raw, tp, loc)
         if value is INVALID:
@@ -595,6 +605,16 @@ class Decoder:
             self.report(loc, f"expected {_expected(tp)}, got {describe(raw)}{_hint(raw, tp)}")
             return INVALID
         return float(raw) if tp is float else raw  # type: ignore[arg-type]
+
+    def _duration(self, raw: str, loc: _Loc) -> Any:
+        text = raw.strip()
+        if not _DURATION.fullmatch(text):
+            self.report(
+                loc,
+                f"expected seconds or a duration such as 90s, 30m, 8h or 1h30m, got {quote(raw)}",
+            )
+            return INVALID
+        return sum(float(n) * _DURATION_UNITS[u] for n, u in _DURATION_PART.findall(text))
 
     def _literal(self, raw: object, choices: tuple[Any, ...], loc: _Loc) -> Any:
         for choice in choices:

@@ -462,10 +462,10 @@ class RunnerConfig:
     min_runners: int = field(default=0, metadata=rules(_not_negative))
     """Idle runners kept ready for jobs (a warm pool): GitHub's assigned jobs plus this many
     are wanted, within ``max_runners``."""
-    max_lifetime: float | None = field(default=None, metadata=rules(positive))
+    max_lifetime: float | None = field(default=None, metadata=rules(positive, duration=True))
     """Seconds a runner may live (idle or busy) before it is stopped and deregistered: the
     reaper for wedged environments. ``None``: no limit."""
-    idle_timeout: float | None = field(default=None, metadata=rules(positive))
+    idle_timeout: float | None = field(default=None, metadata=rules(positive, duration=True))
     """Seconds a runner may wait idle before it is replaced by a fresh one. ``None``: forever."""
     runner_group: str = field(default="default", metadata=rules(non_blank))
     docker: DockerImage | None = field(default=None, metadata=rules(nullable=False))
@@ -514,7 +514,9 @@ class Config:
     ca_file: str = field(default="", metadata=_CA_FILE_RULES)
     """PEM CA bundle that verifies GitHub's certificate instead of the system trust store (a
     GHES with a private CA); ``""``: the system trust store."""
-    drain_timeout: float = field(default=DEFAULT_DRAIN_TIMEOUT, metadata=rules(_not_negative))
+    drain_timeout: float = field(
+        default=DEFAULT_DRAIN_TIMEOUT, metadata=rules(_not_negative, duration=True)
+    )
     """Seconds SIGTERM/SIGINT lets busy runners finish their jobs; 0 stops them at once."""
     listen: str = field(default="", metadata=rules(_host_port))
     """``HOST:PORT`` of the metrics and health HTTP server (``/metrics``, ``/healthz``,

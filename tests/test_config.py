@@ -2368,7 +2368,11 @@ def test_pool_and_lifetimes_are_read(tmp_path: Path) -> None:
         ("    min_runners: -1\n", "runners.linux.min_runners: must be 0 or more, got -1"),
         ("    max_lifetime: 0\n", "runners.linux.max_lifetime: must be greater than 0, got 0"),
         ("    idle_timeout: -5\n", "runners.linux.idle_timeout: must be greater than 0, got -5"),
-        ('    idle_timeout: "10m"\n', "runners.linux.idle_timeout: expected a number"),
+        (
+            '    idle_timeout: "10 minutes"\n',
+            "runners.linux.idle_timeout: expected seconds or a duration such as 90s, 30m, 8h",
+        ),
+        ("    max_lifetime: 0s\n", "runners.linux.max_lifetime: must be greater than 0, got 0"),
     ],
 )
 def test_pool_and_lifetime_errors_name_the_key(tmp_path: Path, line: str, message: str) -> None:
@@ -2389,3 +2393,29 @@ def test_pool_and_lifetime_errors_name_the_key(tmp_path: Path, line: str, messag
 def test_listen_must_be_host_and_port(tmp_path: Path, value: str, message: str) -> None:
     error = load_error(tmp_path, f'listen: "{value}"\n' + POOL)
     assert f"listen: {message}" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("written", "seconds"),
+    [
+        ("600", 600.0),
+        ("90s", 90.0),
+        ("30m", 1800.0),
+        ("8h", 28800.0),
+        ("1h30m", 5400.0),
+        ("1.5h", 5400.0),
+        ("2m30s", 150.0),
+        ("500ms", 0.5),
+        ('"45m"', 2700.0),
+    ],
+)
+def test_lifetimes_and_drain_timeout_take_durations(
+    tmp_path: Path, written: str, seconds: float
+) -> None:
+    text = f"drain_timeout: {written}\n" + POOL.replace(
+        "    max_runners: 4\n",
+        f"    max_runners: 4\n    max_lifetime: {written}\n    idle_timeout: {written}\n",
+    )
+    config = load(tmp_path, text)
+    runner = config.runners["linux"]
+    assert (config.drain_timeout, runner.max_lifetime, runner.idle_timeout) == (seconds,) * 3
