@@ -175,16 +175,7 @@ class ScaleSetMetrics:
         f.start_failures.labels(self.name, self.backend)
         f.provisioning.labels(self.name, self.backend)
         f.stopping.labels(self.name, self.backend)
-        for gauge in (
-            f.assigned_jobs,
-            f.running_jobs,
-            f.registered_runners,
-            f.busy_runners,
-            f.idle_runners,
-            f.available_jobs,
-            f.acquired_jobs,
-            f.desired_runners,
-        ):
+        for gauge in f.counts:
             gauge.labels(*labels).set(0)
 
     # -- read side ---------------------------------------------------------------------------
@@ -361,18 +352,7 @@ class ScaleSetMetrics:
         if f is None:
             return
         labels = self._scale_set_labels
-        scale_set_gauges = (
-            f.assigned_jobs,
-            f.running_jobs,
-            f.registered_runners,
-            f.busy_runners,
-            f.idle_runners,
-            f.available_jobs,
-            f.acquired_jobs,
-            f.desired_runners,
-            f.max_runners,
-            f.min_runners,
-        )
+        scale_set_gauges = (*f.counts, f.max_runners, f.min_runners)
         removals: list[tuple[Any, tuple[str, ...]]] = [(g, labels) for g in scale_set_gauges]
         removals += [(f.reconnects, (self.name, s)) for s in _SESSIONS]
         removals += [(f.reaped, (self.name, r)) for r in self.reaped]
@@ -570,6 +550,17 @@ class _Families:
         )
         self.max_runners = gauge("gha_max_runners", "The scale set's max_runners.")
         self.min_runners = gauge("gha_min_runners", "The scale set's min_runners (warm pool).")
+        self.counts: tuple[Gauge, ...] = (
+            self.assigned_jobs,
+            self.running_jobs,
+            self.registered_runners,
+            self.busy_runners,
+            self.idle_runners,
+            self.available_jobs,
+            self.acquired_jobs,
+            self.desired_runners,
+        )
+        """The scale set's counts: shown as 0 until its first statistics arrive."""
         self.started_jobs = counter(
             "gha_started_jobs_total",
             "Jobs started on the scale set's runners.",

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from outrunner.testing import FakeGitHub
-from tests.support.run_script import run_jobs, run_script
+from tests.support.run_script import docker_farm, run_jobs, run_script
 
 pytestmark = pytest.mark.docker
 
@@ -53,17 +53,8 @@ def test_six_jobs_three_runners_sigterm_and_no_leftovers(
     engine: Any, runner_image: str, tmp_path: Path
 ) -> None:
     with FakeGitHub(pat=TOKEN, long_poll_timeout=1.0) as gh:
-        config = tmp_path / "farm.yml"
-        config.write_text(
-            f"url: {gh.config_url()}\n"
-            "runners:\n"
-            f"  {SCALE_SET}:\n"
-            "    labels: [self-hosted, e2e]\n"
-            "    max_runners: 3\n"
-            "    docker:\n"
-            f"      image: {runner_image}\n"
-            "      network: host\n"
-            "      pull: never\n"
+        config = docker_farm(
+            gh, tmp_path / "farm.yml", scale_set=SCALE_SET, label="e2e", image=runner_image
         )
         watcher = ContainerWatcher(engine)
         watcher.start()

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from outrunner.testing import FakeGitHub
-from tests.support.run_script import RunScript, run_script
+from tests.support.run_script import RunScript, docker_farm, run_script
 from tests.support.scrape import base_url_from_log, parse, value, value_or_zero
 
 pytestmark = pytest.mark.docker
@@ -41,17 +41,8 @@ def test_metrics_count_the_jobs_run_in_containers_and_readyz_answers_200(
     engine: Any, runner_image: str, tmp_path: Path
 ) -> None:
     with FakeGitHub(pat=TOKEN, long_poll_timeout=1.0) as gh:
-        config = tmp_path / "farm.yml"
-        config.write_text(
-            f"url: {gh.config_url()}\n"
-            "runners:\n"
-            f"  {SCALE_SET}:\n"
-            f"    labels: [self-hosted, {LABEL}]\n"
-            "    max_runners: 3\n"
-            "    docker:\n"
-            f"      image: {runner_image}\n"
-            "      network: host\n"
-            "      pull: never\n"
+        config = docker_farm(
+            gh, tmp_path / "farm.yml", scale_set=SCALE_SET, label=LABEL, image=runner_image
         )
         env = {**os.environ, "GITHUB_TOKEN": TOKEN}
         with run_script(config, env, args=["--listen", "127.0.0.1:0"]) as script:

@@ -24,7 +24,7 @@ import pytest
 from outrunner.journal import JOURNAL_FILE, Journal
 from outrunner.testing import Endpoint, FakeGitHub
 from outrunner.testing.fakegithub import JobState
-from tests.support.run_script import RunScript, run_script
+from tests.support.run_script import RunScript, docker_farm, run_script
 
 pytestmark = pytest.mark.docker
 
@@ -56,21 +56,6 @@ def containers(engine: Any, *, running_only: bool = False) -> dict[str, str]:
     return {c["Labels"]["outrunner.name"]: c["Id"] for c in found}
 
 
-def write_config(gh: FakeGitHub, image: str, path: Path) -> Path:
-    path.write_text(
-        f"url: {gh.config_url()}\n"
-        "runners:\n"
-        f"  {SCALE_SET}:\n"
-        f"    labels: [self-hosted, {LABEL}]\n"
-        "    max_runners: 3\n"
-        "    docker:\n"
-        f"      image: {image}\n"
-        "      network: host\n"
-        "      pull: never\n"
-    )
-    return path
-
-
 @contextmanager
 def farm(
     engine: Any, runner_image: str, tmp_path: Path, **fake: Any
@@ -80,7 +65,10 @@ def farm(
     env = {**os.environ, "GITHUB_TOKEN": TOKEN}
     try:
         with FakeGitHub(pat=TOKEN, long_poll_timeout=1.0, **fake) as gh:
-            yield gh, write_config(gh, runner_image, tmp_path / "farm.yml"), env
+            config = docker_farm(
+                gh, tmp_path / "farm.yml", scale_set=SCALE_SET, label=LABEL, image=runner_image
+            )
+            yield gh, config, env
     finally:
         for container_id in containers(engine).values():
             engine.remove_container(container_id, force=True)

@@ -705,18 +705,23 @@ async def test_a_burst_never_holds_up_the_caller() -> None:
     await s.shutdown()
 
 
-async def test_stopping_runners_do_not_hold_up_demand() -> None:
-    """A runner that is stopping takes no job: a new job gets a new runner at once where
-    max_runners leaves room, and as soon as the stop finishes where it does not."""
-    client, release = FakeClient(), asyncio.Event()
-    prov = InMemoryProvisioner()
-    real_stop = prov.stop
+def hold_stops(prov: InMemoryProvisioner) -> asyncio.Event:
+    """Make every stop of ``prov`` wait until the returned event is set."""
+    release, real_stop = asyncio.Event(), prov.stop
 
-    async def slow_stop(name: str) -> None:
+    async def held_stop(name: str) -> None:
         await release.wait()
         await real_stop(name)
 
-    prov.stop = slow_stop  # type: ignore[method-assign]
+    prov.stop = held_stop  # type: ignore[method-assign]
+    return release
+
+
+async def test_stopping_runners_do_not_hold_up_demand() -> None:
+    """A runner that is stopping takes no job: a new job gets a new runner at once where
+    max_runners leaves room, and as soon as the stop finishes where it does not."""
+    client, prov = FakeClient(), InMemoryProvisioner()
+    release = hold_stops(prov)
     s = make_scaler(client, prov, max_runners=2)
     await s.handle_desired_runner_count(2)
     await eventually(lambda: phases(s) == [RunnerPhase.IDLE] * 2)
@@ -737,15 +742,8 @@ async def test_stopping_runners_do_not_hold_up_demand() -> None:
 
 
 async def test_a_stopping_runner_does_not_count_as_available() -> None:
-    client, release = FakeClient(), asyncio.Event()
-    prov = InMemoryProvisioner()
-    real_stop = prov.stop
-
-    async def slow_stop(name: str) -> None:
-        await release.wait()
-        await real_stop(name)
-
-    prov.stop = slow_stop  # type: ignore[method-assign]
+    client, prov = FakeClient(), InMemoryProvisioner()
+    release = hold_stops(prov)
     s = make_scaler(client, prov, max_runners=3)
     await s.handle_desired_runner_count(1)
     await eventually(lambda: phases(s) == [RunnerPhase.IDLE])

@@ -80,6 +80,24 @@ def run_script(
                 process.wait()
 
 
+def docker_farm(gh: FakeGitHub, path: Path, *, scale_set: str, label: str, image: str) -> Path:
+    """Write a config with one Docker scale set (labels ``self-hosted`` and ``label``, 3 runners
+    at most) whose containers use the host network, so their agents reach the fake on
+    127.0.0.1, and never pull (the image is built offline). Returns ``path``."""
+    path.write_text(
+        f"url: {gh.config_url()}\n"
+        "runners:\n"
+        f"  {scale_set}:\n"
+        f"    labels: [self-hosted, {label}]\n"
+        "    max_runners: 3\n"
+        "    docker:\n"
+        f"      image: {image}\n"
+        "      network: host\n"
+        "      pull: never\n"
+    )
+    return path
+
+
 def run_jobs(
     gh: FakeGitHub,
     labels: Sequence[str],
