@@ -23,22 +23,19 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 from outrunner._version import __version__
-from outrunner.config import (
-    ConfigError,
-    ResolvedApp,
-    RunnerConfig,
-    load_config,
-    read_token_file,
-    resolve_runner_ca_file,
-    resolve_runner_credentials,
-    resolve_runner_url,
-)
+from outrunner.config import Config, ConfigError, load_config, read_token_file
 from outrunner.health import parse_listen
 from outrunner.journal import JournalError, resolve_state_dir
-from outrunner.log import BoundLogger, configure_logging, get_logger, parse_level, register_secret
+from outrunner.log import BoundLogger, configure_logging, get_logger, parse_level
 from outrunner.provisioner import ProvisionerError
 from outrunner.scaleset import ScaleSetError
-from outrunner.service import DEFAULT_MAX_RUNNERS, Service, backend_factory, serve
+from outrunner.service import (
+    DEFAULT_MAX_RUNNERS,
+    ScaleSetPlan,
+    Service,
+    backend_factory,
+    serve,
+)
 
 __all__ = [
     "EX_CONFIG",
@@ -384,28 +381,12 @@ def check(options: Options, log: BoundLogger) -> list[str]:
     """Validate the config and everything each scale set needs that can be checked offline;
     return one line per scale set. Raises :class:`ConfigError` at the first problem."""
     config = load_config(options.config)
-    flag_token, flag_origin = _flag_token(options)
     lines = []
-    for runner in config.runners.values():
-        url = resolve_runner_url(options.url, config, runner)
-        credentials = resolve_runner_credentials(
-            flag_token, config, runner, url=url, flag_origin=flag_origin
-        )
-        if isinstance(credentials, ResolvedApp):
-            register_secret(credentials.private_key)
-            origin = credentials.origin
-            for source in credentials.ignored:
-                log.warning(
-                    "A token is set but the config's GitHub App is used instead",
-                    scale_set=runner.name,
-                    token_source=source,
-                )
-        else:
-            register_secret(credentials.value)
-            origin = f"token from {credentials.origin}"
-        ca_file = resolve_runner_ca_file(config, runner)
-        backend_factory(runner)  # the backend's extra is installed
-        lines.append(_summary(runner, url, origin, ca_file, options.max_runners))
+    # The Service resolves each entry exactly as it would to run it (credentials, min_runners
+    # against --max-runners, ...); nothing is started.
+    for plan in _service(options, config, log).plan():
+        backend_factory(plan.runner)  # the backend's extra is installed
+        lines.append(_summary(plan))
     where = resolve_state_dir(options.state_dir, config.state_dir, create=False)
     log.info(
         "Config OK",
@@ -417,41 +398,47 @@ def check(options: Options, log: BoundLogger) -> list[str]:
     return lines
 
 
-def _summary(runner: RunnerConfig, url: str, origin: str, ca_file: str, max_runners: int) -> str:
-    kind = runner.provider_type
+def _summary(plan: ScaleSetPlan) -> str:
+    runner = plan.runner
     if runner.docker is not None:
         backend = f"docker image {runner.docker.image}"
     elif runner.libvirt is not None:
         backend = f"libvirt image {runner.libvirt.path}"
     elif runner.tart is not None:
         backend = f"tart image {runner.tart.image}"
-    else:  # pragma: no cover - provider_type raised already
-        backend = kind
+    else:  # pragma: no cover - load_config and provider_type allow no other
+        backend = runner.provider_type
     parts = [
-        url,
-        origin,
+        plan.url,
+        plan.credentials_origin,
         backend,
         f"labels {','.join(runner.labels)}",
-        f"max_runners {runner.max_runners or max_runners}",
+        f"max_runners {plan.max_runners}",
     ]
-    if ca_file:
-        parts.append(f"ca_file {ca_file}")
+    if plan.ca_file:
+        parts.append(f"ca_file {plan.ca_file}")
     return f"{runner.name}: {', '.join(parts)}"
+
+
+def _service(options: Options, config: Config, log: BoundLogger) -> Service:
+    flag_token, flag_origin = _flag_token(options)
+    return Service(
+        config,
+        url=options.url,
+        token=flag_token,
+        token_origin=flag_origin,
+        max_runners=options.max_runners,
+        drain_timeout=options.drain_timeout,
+        state_dir=options.state_dir,
+        listen=options.listen,
+        logger=log,
+    )
 
 
 async def _serve(options: Options, log: BoundLogger) -> int:
     config = load_config(options.config)
     log.info("Loaded config", runners=len(config.runners), file=options.config)
-    flag_token, _ = _flag_token(options)
-    service = Service(
-        config,
-        url=options.url,
-        token=flag_token,
-        max_runners=options.max_runners,
-        drain_timeout=options.drain_timeout,
-        state_dir=options.state_dir,
-        listen=options.listen,
-    )
+    service = _service(options, config, get_logger("outrunner.service"))
     reloads: set[asyncio.Task[None]] = set()
 
     def on_sighup() -> None:

@@ -53,6 +53,7 @@ __all__ = [
     "ClientFactory",
     "ProvisionerFactory",
     "ReloadResult",
+    "ScaleSetPlan",
     "Service",
     "ServiceState",
     "default_provisioner",
@@ -121,16 +122,20 @@ def _owner() -> str:
 
 
 @dataclass(frozen=True)
-class _Plan:
-    """What one runner entry resolves to: everything its worker is built from."""
+class ScaleSetPlan:
+    """What one runner entry resolves to: everything its worker is built from (see
+    :meth:`Service.plan`)."""
 
     runner: RunnerConfig
     url: str
     credentials: str | GitHubApp = field(repr=False)
     """The token, or the (shared) GitHub App credentials."""
+    credentials_origin: str
+    """Where the credentials came from, for people: ``token from GITHUB_TOKEN``,
+    ``GitHub App Iv1.abc installation 42 (app, key /etc/outrunner/app.pem)``."""
     credentials_key: str = field(repr=False)
     """Equal for equal credentials: the token itself, or the App's issuer, installation and
-    key file."""
+    the digest of its key."""
     max_runners: int
     ca_file: str
     """The PEM CA bundle the client trusts; ``""``: the system trust store."""
@@ -140,7 +145,7 @@ class _Plan:
         """Entries with the same key share one scale set client."""
         return (self.url, self.credentials_key, self.ca_file)
 
-    def same_scale_set(self, other: _Plan) -> bool:
+    def same_scale_set(self, other: ScaleSetPlan) -> bool:
         """Whether ``other`` can be applied to this plan's running worker; otherwise the
         scale set is drained and started again (another GitHub, identity, group or backend)."""
         mine, theirs = self.runner, other.runner
@@ -155,7 +160,7 @@ class _Plan:
 class _Running:
     """A scale set's worker, its task and the plan it runs."""
 
-    plan: _Plan
+    plan: ScaleSetPlan
     worker: ScaleSetWorker
     task: asyncio.Task[None]
     initial: bool = False
@@ -163,7 +168,7 @@ class _Running:
     mistake); a scale set a reload starts fails alone."""
     retiring: bool = False
     """Drained because a reload removed (or restarts) its entry."""
-    successor: tuple[_Plan, Provisioner] | None = None
+    successor: tuple[ScaleSetPlan, Provisioner] | None = None
     """What starts once it has ended (a restarted scale set)."""
 
 
@@ -228,6 +233,7 @@ class Service:
         journal: bool = True,
         logger: BoundLogger | None = None,
         listen: str | None = None,
+        token_origin: str = "--token",
     ) -> None:
         # The one place the default runner count is checked: the flag, or a library caller.
         if max_runners < 1:
@@ -237,6 +243,7 @@ class Service:
         self._config = config
         self._url = url
         self._token = token
+        self._token_origin = token_origin
         self._max_runners = max_runners
         self._log = logger or get_logger("outrunner.service")
         self._provisioner_factory = provisioner_factory
@@ -280,9 +287,17 @@ class Service:
         """Every scale set's worker in config order, then those draining after a reload."""
         return [r.worker for r in (*self._running.values(), *self._retiring)]
 
-    def _plan(self, runner: RunnerConfig, config: Config) -> _Plan:
+    def plan(self) -> list[ScaleSetPlan]:
+        """Resolve every runner entry of the config as :meth:`run` does, without starting or
+        contacting anything (what ``outrunner --check`` shows): URL, credentials (token files
+        and App keys are read), CA file and ``max_runners``. Raises :class:`ConfigError`."""
+        return [self._plan(runner, self._config) for runner in self._config.runners.values()]
+
+    def _plan(self, runner: RunnerConfig, config: Config) -> ScaleSetPlan:
         url = resolve_runner_url(self._url, config, runner)
-        resolved = resolve_runner_credentials(self._token, config, runner, url=url)
+        resolved = resolve_runner_credentials(
+            self._token, config, runner, url=url, flag_origin=self._token_origin
+        )
         credentials: str | GitHubApp
         if isinstance(resolved, ResolvedApp):
             register_secret(resolved.private_key)
@@ -296,7 +311,7 @@ class Service:
                     register_secret=register_secret, unregister_secret=unregister_secret
                 )
                 self._apps[key] = app
-            credentials = app
+            credentials, origin = app, resolved.origin
             for source in resolved.ignored:
                 if source not in self._warned:
                     self._warned.add(source)
@@ -309,16 +324,18 @@ class Service:
             # Mask the token in every log line from here on, whoever prints it.
             register_secret(resolved.value)
             credentials = key = resolved.value
+            origin = f"token from {resolved.origin}"
         max_runners = runner.max_runners or self._max_runners
         if runner.min_runners > max_runners:  # load_config checked it against an explicit max
             raise ConfigError(
                 f"runners.{runner.name}: min_runners ({runner.min_runners}) must not exceed "
                 f"max_runners ({max_runners}, from --max-runners)"
             )
-        return _Plan(
+        return ScaleSetPlan(
             runner=runner,
             url=url,
             credentials=credentials,
+            credentials_origin=origin,
             credentials_key=key,
             max_runners=max_runners,
             ca_file=resolve_runner_ca_file(config, runner),
@@ -365,7 +382,7 @@ class Service:
 
     async def run(self) -> None:
         async with AsyncExitStack() as stack:
-            plans = [self._plan(runner, self._config) for runner in self._config.runners.values()]
+            plans = self.plan()
             if self._listen is not None:
                 # Up before the workers, so /readyz says "starting"; closed after they stopped.
                 self.http = HealthServer(self, *self._listen, logger=self._log)
@@ -392,12 +409,12 @@ class Service:
                 self._stack = None
         self._log.info("Shut down cleanly")
 
-    def _new_provisioner(self, plan: _Plan) -> Provisioner:
+    def _new_provisioner(self, plan: ScaleSetPlan) -> Provisioner:
         provisioner = self._provisioner_factory(plan.runner)
         self._provisioners.append(provisioner)
         return provisioner
 
-    def _client_for(self, plan: _Plan) -> Client:
+    def _client_for(self, plan: ScaleSetPlan) -> Client:
         client = self._clients.get(plan.client_key)
         if client is None:
             extra = {"ca_file": plan.ca_file} if plan.ca_file else {}
@@ -411,7 +428,7 @@ class Service:
         return client
 
     def _start_worker(
-        self, plan: _Plan, provisioner: Provisioner, *, initial: bool = False
+        self, plan: ScaleSetPlan, provisioner: Provisioner, *, initial: bool = False
     ) -> None:
         worker = ScaleSetWorker(
             self._client_for(plan),

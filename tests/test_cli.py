@@ -342,3 +342,23 @@ def test_sighup_reloads_the_config_and_keeps_serving(tmp_path: Path) -> None:
     assert stdout.read_text() == ""  # a service prints nothing but logs, and those to stderr
     assert "Shut down cleanly" in logs
     assert TOKEN not in logs
+
+
+def test_check_resolves_entries_as_the_service_does(farm: Path) -> None:
+    """--check asks the Service for its plan, so what would fail at start fails here too: a
+    warm pool larger than the --max-runners default of an entry without max_runners."""
+    farm.write_text(
+        farm.read_text().replace(
+            "    labels: [macos]\n", "    labels: [macos]\n    min_runners: 3\n"
+        )
+    )
+    result = command("--check", "--config", str(farm), env={"GITHUB_TOKEN": TOKEN})
+    assert result.returncode == EX_CONFIG, result.stdout + result.stderr
+    assert "runners.mac: min_runners (3) must not exceed max_runners (2, from --max-runners)" in (
+        result.stderr
+    )
+    result = command(
+        "--check", "--config", str(farm), "--max-runners", "3", env={"GITHUB_TOKEN": TOKEN}
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1].endswith("max_runners 3")
