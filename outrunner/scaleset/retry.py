@@ -21,6 +21,7 @@ import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
+from typing import Protocol
 
 import httpx
 
@@ -107,8 +108,19 @@ def _permanent_error(
     return None
 
 
+class Sender(Protocol):
+    """What :func:`send` needs of a client: an ``httpx.AsyncClient``, or the client pool of
+    ``_pool.ClientPool``."""
+
+    def build_request(
+        self, method: str, url: str, *, headers: Mapping[str, str], content: bytes | None
+    ) -> httpx.Request: ...
+
+    async def send(self, request: httpx.Request) -> httpx.Response: ...
+
+
 async def send(
-    http: httpx.AsyncClient,
+    http: Sender,
     policy: RetryPolicy,
     method: str,
     url: str,
