@@ -8,9 +8,13 @@ directory, and one process at a time may use a state directory (an ``flock`` on
 
 The file is append-only JSON lines; ``docs/journal-format.md`` describes it record by record. A
 record is appended with one ``os.write`` of a whole line, so a crash leaves at worst a torn last
-line, which the next :meth:`Journal.open` ignores and reports. The journal never raises because of
-what the file holds: bad records are skipped and listed in :attr:`Journal.problems`. Only a state
-directory or file that cannot be used at all raises :class:`JournalError`.
+line, which the next :meth:`Journal.open` ignores and reports. The line is in the kernel's page
+cache (safe from a crash of the process) when :meth:`Journal.record` returns; on an event loop,
+its ``fdatasync`` runs later in a thread, shared by every record written meanwhile (group commit),
+and ``await journal.sync()`` waits until it is on disk (safe from a crash of the machine). The
+journal never raises because of what the file holds: bad records are skipped and listed in
+:attr:`Journal.problems`. Only a state directory or file that cannot be used at all raises
+:class:`JournalError`.
 
 The journal holds names, ids, phases and backends, never a JIT config or a token.
 
@@ -25,6 +29,7 @@ Where the state directory is comes from :func:`resolve_state_dir`::
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import fcntl
@@ -34,7 +39,9 @@ import os
 import stat
 import sys
 import time
+from collections import deque
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -68,6 +75,8 @@ FORMAT_VERSION: Final = 1
 _COMPACT_MIN_RECORDS: Final = 64
 _COMPACT_FACTOR: Final = 4
 # A file of garbage must not produce millions of problems and log lines.
+# The least time, in seconds, between the starts of two background fdatasyncs (Journal._flush).
+_SYNC_INTERVAL: Final = 0.01
 _MAX_PROBLEMS: Final = 100
 _EXCERPT_BYTES: Final = 60
 
@@ -389,6 +398,23 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
+def _datasync_and_close(fd: int) -> None:
+    """Run in the journal's sync thread: ``fd`` is a duplicate of the append descriptor, taken on
+    the event loop, so a compaction that closes (and the kernel that reuses) the original meanwhile
+    cannot make this sync another file."""
+    try:
+        _datasync(fd)
+    finally:
+        os.close(fd)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -404,11 +430,21 @@ def _fsync_dir(path: Path) -> None:
 class Journal:
     """The runners recorded under one state directory; open it with :meth:`open`.
 
-    :meth:`record` and :meth:`forget` are cheap synchronous calls for the event loop: one
-    ``os.write`` on a descriptor kept open, plus one ``fdatasync`` when ``durable`` (see
-    ``docs/journal-format.md`` for the measured cost). A failed write is logged, not raised: the
-    entries stay in memory and the next call rewrites the whole file, so a full disk costs crash
-    safety for a while, never a running job. Not thread-safe (one event loop uses it).
+    :meth:`record`, :meth:`forget` and :meth:`record_session` are cheap synchronous calls for the
+    event loop: one ``os.write`` of the whole line on a descriptor kept open, so what they wrote
+    survives a crash of the process as soon as they return. When ``durable``, the ``fdatasync``
+    that makes it survive a crash of the machine too depends on the caller:
+
+    * On a running event loop, it happens later, off the loop: one flusher task per journal runs
+      ``fdatasync`` in the journal's own thread, and one sync covers every record written before it
+      began (group commit: a thousand records in one loop iteration cost one or two syncs, not a
+      thousand stalls). ``await`` :meth:`sync` to wait until what was written is on disk.
+    * Without a running loop (tools, tests), it happens inline, before the call returns.
+
+    See ``docs/journal-format.md`` for the measured cost. A failed write or sync is logged, not
+    raised: the entries stay in memory and the next call rewrites the whole file, so a full or
+    failing disk costs crash safety for a while, never a running job. Not thread-safe (one event
+    loop uses it).
     """
 
     def __init__(
@@ -427,6 +463,15 @@ class Journal:
         self._stale = False  # a write failed: the file lags the memory until a rewrite succeeds
         self._problems: tuple[str, ...] = ()
         self._closed = False
+        # Group commit (durable only): ``_written`` counts the lines appended since open,
+        # ``_synced`` how many of them a finished sync covers (a failed one too: it is logged, and
+        # the file is rewritten on the next call). Waiters of sync() wait for a target count, in
+        # the order of their targets.
+        self._written = 0
+        self._synced = 0
+        self._sync_waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+        self._flusher: asyncio.Task[None] | None = None
+        self._sync_thread: ThreadPoolExecutor | None = None  # created on the first flush
 
     @classmethod
     def open(
@@ -523,13 +568,49 @@ class Journal:
         if self._live.pop(name, None) is not None:
             self._write(_forget_line(name))
 
+    async def sync(self) -> None:
+        """Return once every record written before the call is on disk.
+
+        Returns at once when not ``durable``, when nothing written is waiting for its
+        ``fdatasync``, or once closed (:meth:`close` syncs). A failing sync is logged and ends the
+        wait all the same: a failing disk must not hold up the caller (a runner start); the next
+        write rewrites the file.
+        """
+        target = self._written
+        if not self._durable or self._closed or self._synced >= target:
+            return
+        loop = asyncio.get_running_loop()
+        self._start_flusher(loop)
+        waiter = loop.create_future()
+        self._sync_waiters.append((target, waiter))
+        await waiter
+
     def close(self) -> None:
-        """Close the file and release the state directory's lock. Safe to call again."""
+        """Close the file and release the state directory's lock. Safe to call again, on an event
+        loop or not.
+
+        Syncs what is not yet on disk (inline: this is the process's last word) and stops the
+        flusher task and the sync thread.
+        """
         if self._closed:
             return
         self._closed = True
+        self._stop_flusher()
+        if self._sync_thread is not None:
+            # Waits for at most the one fdatasync in flight (on its own duplicate descriptor),
+            # so no thread of this journal outlives it.
+            self._sync_thread.shutdown(wait=True)
+            self._sync_thread = None
         if self._stale and self._fd >= 0:
             self._rewrite()  # last chance to persist what a failed write left in memory
+        elif self._durable and self._synced < self._written and self._fd >= 0:
+            try:
+                _datasync(self._fd)
+            except OSError as exc:
+                self._log.error(
+                    "Cannot sync the runner journal", file=str(self._path), error=str(exc)
+                )
+        self._mark_synced(self._written)
         if self._fd >= 0:
             with contextlib.suppress(OSError):  # every record was already written (or logged)
                 os.close(self._fd)
@@ -627,12 +708,15 @@ class Journal:
 
     def _write(self, line: bytes) -> None:
         if not self._stale:
+            loop = _running_loop() if self._durable else None
             try:
                 written = os.write(self._fd, line)
                 if written != len(line):
                     raise OSError(f"short write ({written} of {len(line)} bytes)")
-                if self._durable:
+                self._written += 1
+                if self._durable and loop is None:
                     _datasync(self._fd)
+                    self._mark_synced(self._written)
             except OSError as exc:
                 # The line may be partly on disk: only a rewrite from memory repairs the file.
                 self._stale = True
@@ -644,9 +728,87 @@ class Journal:
             else:
                 self._records += 1
                 live = len(self._live) + len(self._sessions)
-                if self._records <= max(_COMPACT_MIN_RECORDS, _COMPACT_FACTOR * live):
-                    return
+                if self._records > max(_COMPACT_MIN_RECORDS, _COMPACT_FACTOR * live):
+                    self._rewrite()  # which syncs what is pending, when it succeeds
+                if loop is not None and self._synced < self._written:
+                    self._start_flusher(loop)
+                return
         self._rewrite()
+
+    # -- group commit ------------------------------------------------------------------------
+
+    def _start_flusher(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Make sure a flusher runs on ``loop``: a live one notices new writes by itself, after
+        the sync in flight (a new loop, as after ``asyncio.run`` ended, gets a new one)."""
+        flusher = self._flusher
+        if flusher is None or flusher.done() or flusher.get_loop() is not loop:
+            self._flusher = loop.create_task(self._flush(), name=f"journal-sync:{self._path}")
+
+    async def _flush(self) -> None:
+        """Sync until every line written is covered: each round covers what was written before
+        it began, so writes made during a sync cost one more round, however many they are."""
+        loop = asyncio.get_running_loop()
+        while self._synced < self._written and not self._closed:
+            # Rounds start at most every _SYNC_INTERVAL: under a steady stream of records, one
+            # per record would cost a thread hand-off each for little gain in durability.
+            began = loop.time()
+            target = self._written
+            try:
+                fd = os.dup(self._fd)
+            except OSError as exc:
+                self._sync_failed(exc)
+            else:
+                if self._sync_thread is None:
+                    self._sync_thread = ThreadPoolExecutor(1, thread_name_prefix="journal-sync")
+                job = self._sync_thread.submit(_datasync_and_close, fd)
+                try:
+                    await asyncio.wrap_future(job)
+                except Exception as exc:  # OSError, but nothing may leave sync() waiting
+                    self._sync_failed(exc)
+                except asyncio.CancelledError:
+                    # Cancelled by close() or by the end of the loop: close() (or the next
+                    # write) syncs what this round did not confirm.
+                    if job.cancelled():  # it never ran, so its descriptor is ours to close
+                        os.close(fd)
+                    raise
+            # Once the file is stale, only a rewrite (the next write, or close()) can persist what
+            # is pending: another fdatasync would be no use to a waiter.
+            self._mark_synced(self._written if self._stale else target)
+            if self._synced < self._written:
+                await asyncio.sleep(max(0.0, began + _SYNC_INTERVAL - loop.time()))
+
+    def _sync_failed(self, exc: Exception) -> None:
+        # After a failed fdatasync the kernel may drop the dirty pages and report success to the
+        # next one (see fsync(2), "Errors"): only a rewrite from memory is sure to persist them.
+        self._stale = True
+        self._log.error(
+            "Cannot sync the runner journal; rewriting it on the next write",
+            file=str(self._path),
+            error=str(exc),
+        )
+
+    def _mark_synced(self, count: int) -> None:
+        """``count`` lines are on disk (or their sync failed, which was logged): wake the
+        waiters of :meth:`sync` that wait for no more."""
+        self._synced = max(self._synced, count)
+        waiters = self._sync_waiters
+        while waiters and (self._closed or waiters[0][0] <= self._synced):
+            _, waiter = waiters.popleft()
+            # A waiter whose loop is gone (the journal outlived an asyncio.run) has nobody left.
+            if not waiter.done() and not waiter.get_loop().is_closed():
+                waiter.set_result(None)
+
+    def _stop_flusher(self) -> None:
+        flusher, self._flusher = self._flusher, None
+        if flusher is None or flusher.done():
+            return
+        loop = flusher.get_loop()
+        if loop.is_closed():
+            return
+        if loop.is_running() and loop is not _running_loop():
+            loop.call_soon_threadsafe(flusher.cancel)
+        else:
+            flusher.cancel()
 
     def _rewrite(self) -> None:
         try:
@@ -691,6 +853,8 @@ class Journal:
         old, self._fd = self._fd, fd
         self._records = len(self._live) + len(self._sessions)
         self._stale = False
+        if self._durable:
+            self._mark_synced(self._written)  # the new file holds every line, fsynced
         if old >= 0:
             with contextlib.suppress(OSError):  # the new file is in place whatever this says
                 os.close(old)

@@ -31,7 +31,7 @@ import asyncio
 import logging
 import random
 import secrets
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import Enum, auto
@@ -470,6 +470,16 @@ class Scaler:
         # next start finds the registration by name and removes it.
         self._record(name, 0, JournalPhase.REGISTERING)
         try:
+            # ...and on disk before GitHub creates the runner: the journal's group commit syncs
+            # off the event loop, so a crash of the machine could otherwise lose the record.
+            # ``sync`` is optional (RunnerJournal does not require it), and a failing one must
+            # not hold up the start.
+            sync: Callable[[], Awaitable[None]] | None = getattr(self._journal, "sync", None)
+            if callable(sync):
+                try:
+                    await sync()
+                except Exception as exc:
+                    self._log.error("Cannot sync the runner journal", name=name, error=str(exc))
             async with self._jit_slots:
                 jit = await self._client.generate_jit_runner_config(
                     JitRunnerSetting(name=name), self.scale_set_id

@@ -6,6 +6,9 @@ process, or a child that dies at a chosen point with ``os._exit``).
 
 from __future__ import annotations
 
+import asyncio
+import errno
+import gc
 import json
 import logging
 import os
@@ -14,12 +17,14 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+import outrunner.journal as journal_module
 from outrunner.journal import (
     JOURNAL_FILE,
     LOCK_FILE,
@@ -30,6 +35,11 @@ from outrunner.journal import (
     StateDir,
     resolve_state_dir,
 )
+from outrunner.runner import RunnerPhase
+from outrunner.scaleset.types import JitRunnerConfig, JitRunnerSetting
+from outrunner.testing.memory import InMemoryProvisioner
+from tests.test_scaler import FakeClient, eventually, make_scaler, phases
+from tests.test_scaler_reliability import FakeJournal
 
 REPO = Path(__file__).resolve().parent.parent
 ENVELOPE = {"v", "op"}
@@ -627,3 +637,272 @@ def test_resolving_without_create_leaves_a_missing_default_alone(tmp_path: Path)
     where = resolve_state_dir(None, "", {}, default=default, create=False)
     assert (where.path, where.source, where.warning) == (default, "default", None)
     assert not (tmp_path / "var").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Group commit: on an event loop, fdatasync runs in the journal's thread, shared by many records
+
+
+class Syncs:
+    """Stands in for the journal's ``_datasync`` (see the ``syncs`` fixture): notes the thread
+    of each call and the size of the file a successful one covered, then calls the real one.
+    ``failing`` makes it raise EIO; ``release``, when set, holds each call until it is set."""
+
+    def __init__(self, real: Callable[[int], None]) -> None:
+        self.real = real
+        self.threads: list[int] = []
+        self.sizes: list[int] = []
+        self.errors: list[OSError] = []
+        self.failing = False
+        self.entered = threading.Event()
+        self.release: threading.Event | None = None
+
+    def __call__(self, fd: int) -> None:
+        self.threads.append(threading.get_ident())
+        self.entered.set()
+        if self.release is not None:
+            self.release.wait(5.0)
+        if self.failing:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        try:
+            size = os.fstat(fd).st_size  # taken before the sync, so the sync covers it
+            self.real(fd)
+        except OSError as exc:  # EBADF would mean a descriptor closed under the sync
+            self.errors.append(exc)
+            raise
+        self.sizes.append(size)
+
+
+@pytest.fixture
+def syncs(monkeypatch: pytest.MonkeyPatch) -> Syncs:
+    wrapper = Syncs(journal_module._datasync)
+    monkeypatch.setattr(journal_module, "_datasync", wrapper)
+    return wrapper
+
+
+def sync_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("journal-sync")]
+
+
+def returns_at_once(journal: Journal) -> bool:
+    """Whether ``journal.sync()`` completes without suspending even once."""
+    coroutine = journal.sync()
+    try:
+        coroutine.send(None)
+    except StopIteration:
+        return True
+    coroutine.close()
+    return False
+
+
+@pytest.mark.anyio
+async def test_records_made_on_a_loop_are_on_disk_after_sync(tmp_path: Path, syncs: Syncs) -> None:
+    with Journal.open(tmp_path) as journal:
+        for e in THREE:
+            journal.record(e)
+        journal.forget(THREE[1].name)
+        journal.record_session("linux", "session-1")
+        assert syncs.threads == []  # nothing synced inline
+        await journal.sync()
+        # The last sync began after the last line was written: it covered the whole file.
+        assert syncs.sizes[-1] == journal.path.stat().st_size
+        assert [json.loads(line)["op"] for line in lines_of(tmp_path)] == [
+            *["put"] * 3,
+            "forget",
+            "session",
+        ]
+    with Journal.open(tmp_path, durable=False) as journal:
+        assert journal.entries() == [THREE[0], THREE[2]]
+        assert journal.sessions() == {"linux": "session-1"}
+
+
+@pytest.mark.anyio
+async def test_a_thousand_records_in_one_loop_iteration_share_a_few_syncs_off_the_loop(
+    tmp_path: Path, syncs: Syncs
+) -> None:
+    with Journal.open(tmp_path) as journal:
+        for n in range(1000):  # no await: one loop iteration, as a burst of runner tasks
+            journal.record(entry(f"linux-{n:08x}", runner_id=n + 1))
+        await journal.sync()
+        assert 1 <= len(syncs.threads) <= 3
+        assert threading.get_ident() not in syncs.threads
+        assert syncs.sizes[-1] == journal.path.stat().st_size
+        assert len(lines_of(tmp_path)) == 1000
+
+
+@pytest.mark.anyio
+async def test_sync_with_nothing_pending_returns_at_once(tmp_path: Path, syncs: Syncs) -> None:
+    with Journal.open(tmp_path) as journal:
+        assert returns_at_once(journal)  # nothing written yet
+        journal.record(THREE[0])
+        assert not returns_at_once(journal)
+        await journal.sync()
+        assert returns_at_once(journal)  # nothing written since
+        assert len(syncs.threads) == 1
+    with Journal.open(tmp_path / "volatile", durable=False) as journal:
+        journal.record(THREE[0])
+        assert returns_at_once(journal)  # never synced at all
+    assert len(syncs.threads) == 1
+
+
+@pytest.mark.anyio
+async def test_a_failing_sync_is_logged_ends_the_wait_and_a_later_write_syncs_again(
+    tmp_path: Path, syncs: Syncs, caplog: pytest.LogCaptureFixture
+) -> None:
+    with Journal.open(tmp_path) as journal:
+        syncs.failing = True
+        journal.record(THREE[0])
+        await journal.sync()  # returns: a failing disk must not block a runner start
+        failures = [
+            r for r in caplog.records if r.getMessage().startswith("Cannot sync the runner journal")
+        ]
+        assert len(failures) == 1
+        assert failures[0].levelno == logging.ERROR
+
+        syncs.failing = False
+        journal.record(THREE[1])  # rewrites the file (fsynced: the dirty pages may be lost)
+        assert returns_at_once(journal)
+        journal.record(THREE[2])  # and appends, synced off the loop, from then on
+        await journal.sync()
+        assert syncs.sizes == [journal.path.stat().st_size]
+    with Journal.open(tmp_path, durable=False) as journal:
+        assert (journal.entries(), journal.problems) == (THREE, ())
+
+
+@pytest.mark.anyio
+async def test_close_on_a_loop_syncs_what_is_pending_inline_and_leaves_nothing_running(
+    tmp_path: Path, syncs: Syncs, caplog: pytest.LogCaptureFixture
+) -> None:
+    journal = Journal.open(tmp_path)
+    journal.record(THREE[0])
+    await journal.sync()  # the sync thread now exists
+    assert len(sync_threads()) == 1
+    journal.record(THREE[1])  # the flusher is scheduled, not yet run
+    journal.close()
+    assert syncs.threads[-1] == threading.get_ident()  # the last sync ran inline, in close()
+    assert syncs.sizes[-1] == journal.path.stat().st_size
+    assert sync_threads() == []
+    await asyncio.sleep(0)  # the cancelled flusher finishes
+    assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("journal-sync")]
+    assert returns_at_once(journal)
+    gc.collect()
+    assert not [r for r in caplog.records if r.name == "asyncio"], caplog.text
+
+
+def test_close_after_the_loop_ended_syncs_what_is_pending(
+    tmp_path: Path, syncs: Syncs, caplog: pytest.LogCaptureFixture
+) -> None:
+    journal = Journal.open(tmp_path)
+
+    async def burst() -> None:
+        for e in THREE:
+            journal.record(e)
+        await asyncio.sleep(0)  # the flusher starts its sync and is cancelled by asyncio.run
+
+    syncs.release = threading.Event()  # ...while its sync still runs in the thread
+    asyncio.run(burst())
+    syncs.release.set()
+    journal.close()
+    assert syncs.threads[-1] == threading.get_ident()
+    assert syncs.sizes[-1] == journal.path.stat().st_size
+    assert syncs.errors == []
+    assert sync_threads() == []
+    gc.collect()
+    assert not [r for r in caplog.records if r.name == "asyncio"], caplog.text
+    with Journal.open(tmp_path, durable=False) as journal:
+        assert journal.entries() == THREE
+
+
+def test_without_a_running_loop_records_sync_inline(tmp_path: Path, syncs: Syncs) -> None:
+    with Journal.open(tmp_path) as journal:
+        journal.record(THREE[0])
+        journal.forget(THREE[0].name)
+        assert syncs.threads == [threading.get_ident()] * 2
+        assert syncs.sizes[-1] == journal.path.stat().st_size
+    assert sync_threads() == []
+
+
+@pytest.mark.anyio
+async def test_a_compaction_while_a_sync_runs_keeps_the_file_right(
+    tmp_path: Path, syncs: Syncs
+) -> None:
+    names = [f"linux-{n}" for n in range(4)]
+    syncs.release = threading.Event()
+    with Journal.open(tmp_path) as journal:
+        journal.record(entry(names[0], runner_id=1))
+        while not syncs.entered.is_set():  # the flusher's sync has begun, and is held
+            await asyncio.sleep(0.001)
+        # 64 more records compact the file: its descriptor is closed and replaced while the
+        # thread syncs a duplicate of it.
+        for n in range(2, 66):
+            journal.record(entry(names[n % 4], runner_id=n))
+        assert len(lines_of(tmp_path)) == 4  # compacted: the 65th record was one too many
+        assert returns_at_once(journal)  # the compaction fsynced everything
+        journal.record(entry(names[0], runner_id=99))
+        syncs.release.set()
+        await journal.sync()
+        assert syncs.errors == []
+        assert syncs.sizes[-1] == journal.path.stat().st_size
+        expected = journal.entries()
+    with Journal.open(tmp_path, durable=False) as journal:
+        assert (journal.entries(), journal.problems) == (expected, ())
+    assert [(e.name, e.runner_id) for e in expected] == [
+        ("linux-0", 99),
+        ("linux-2", 62),
+        ("linux-3", 63),
+        ("linux-1", 65),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# The Scaler waits for the journal's sync before its JIT request
+
+
+class SyncCheckingClient(FakeClient):
+    """Notes, at each JIT request, whether the runner's registering record is already synced."""
+
+    def __init__(self, journal: Journal, syncs: Syncs) -> None:
+        super().__init__()
+        self.journal, self.syncs = journal, syncs
+        self.synced_first: list[bool] = []
+
+    async def generate_jit_runner_config(
+        self, setting: JitRunnerSetting, scale_set_id: int
+    ) -> JitRunnerConfig:
+        data = self.journal.path.read_bytes()
+        end = data.index(b"\n", data.index(f'"name":"{setting.name}"'.encode())) + 1
+        self.synced_first.append(bool(self.syncs.sizes) and self.syncs.sizes[-1] >= end)
+        return await super().generate_jit_runner_config(setting, scale_set_id)
+
+
+@pytest.mark.anyio
+async def test_the_scaler_syncs_a_registration_before_its_jit_request(
+    tmp_path: Path, syncs: Syncs
+) -> None:
+    with Journal.open(tmp_path) as journal:
+        client, prov = SyncCheckingClient(journal, syncs), InMemoryProvisioner()
+        s = make_scaler(client, prov, journal=journal)
+        assert await s.handle_desired_runner_count(3) == 3
+        await eventually(lambda: phases(s) == [RunnerPhase.IDLE] * 3)
+        assert client.synced_first == [True] * 3
+        await s.shutdown()
+
+
+class UnsyncableJournal(FakeJournal):
+    async def sync(self) -> None:
+        raise OSError(errno.EIO, "the disk is gone")
+
+
+@pytest.mark.anyio
+async def test_a_journal_whose_sync_fails_does_not_hold_up_a_start(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    client, prov = FakeClient(), InMemoryProvisioner()
+    s = make_scaler(client, prov, journal=UnsyncableJournal())
+    assert await s.handle_desired_runner_count(1) == 1
+    await eventually(lambda: phases(s) == [RunnerPhase.IDLE])
+    assert len(client.jit_names) == 1
+    failures = [r for r in caplog.records if r.getMessage() == "Cannot sync the runner journal"]
+    assert len(failures) == 1
+    assert failures[0].levelno == logging.ERROR
+    await s.shutdown()
