@@ -35,7 +35,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Final
@@ -210,7 +210,7 @@ class DockerProvisioner(ClosingContext):
         self._endpoints: dict[str, EngineEndpoint] = {}
         self._clients: dict[str | None, docker.APIClient] = {}
         self._connecting = asyncio.Lock()
-        self._pull_locks: dict[tuple[str | None, str], asyncio.Lock] = {}
+        self._pulls: dict[tuple[str | None, str], _Pulls] = {}
         # The engine option of each runner this instance started, so stop() finds its engine.
         self._runner_hosts: dict[str, str] = {}
         # One exit-event stream per engine client, made by the first wait_exited on that engine.
@@ -238,6 +238,9 @@ class DockerProvisioner(ClosingContext):
     async def start(self, request: RunnerRequest) -> None:
         """Create and start the runner's container; returns once its command was launched.
 
+        Images are handled as ``docker run`` does: the container is created straight away, and
+        only when the engine answers that the image is missing is it pulled (``pull:
+        missing``) and the container created again; ``pull: always`` pulls before the create.
         On failure or cancellation the container (if one was made) is removed before this
         returns. Raises :class:`DockerProvisionerError`.
         """
@@ -245,10 +248,9 @@ class DockerProvisioner(ClosingContext):
         options = _options_of(request)
         client = await self._client(options.host)
         log = self._log.bind(name=request.name)
-        await self._ensure_image(client, options, log)
         self._runner_hosts[request.name] = options.host
         try:
-            container_id = await self._create_and_start(client, request, options)
+            container_id = await self._create_and_start(client, request, options, log)
         except BaseException:
             self._runner_hosts.pop(request.name, None)
             raise
@@ -431,30 +433,31 @@ class DockerProvisioner(ClosingContext):
 
     # -- image -----------------------------------------------------------------------------
 
-    async def _ensure_image(
-        self, client: docker.APIClient, options: DockerImage, log: BoundLogger
+    async def _pull_once(
+        self, client: docker.APIClient, image: str, log: BoundLogger, seen: int
     ) -> None:
-        image = options.image
-        lock = self._pull_locks.setdefault((client.base_url, image), asyncio.Lock())
-        # One pull per image and engine at a time: concurrent starts wait for the first pull
-        # and then find the image present instead of pulling it again.
-        async with lock:
-            if options.pull != "always" and await self._image_present(client, image):
-                return
-            if options.pull == "never":
-                raise DockerProvisionerError(
-                    f"image {image} is not present on the Docker engine and pull is never"
-                )
-            await self._pull(client, image, log)
+        """Pull ``image`` unless a pull of it on this engine ended since the caller read
+        ``seen`` (:attr:`_Pulls.ended`); then that pull's outcome is the caller's.
 
-    async def _image_present(self, client: docker.APIClient, image: str) -> bool:
-        try:
-            await self._call(client.inspect_image, image)
-        except docker.errors.NotFound:
-            return False
-        except Exception as exc:
-            raise DockerProvisionerError(f"inspect image {image}: {_explain(exc)}") from exc
-        return True
+        One pull per image and engine at a time: starts that need the image while it is being
+        pulled wait for that pull instead of pulling again, and a failed pull fails them with
+        its message. The lock is held around the pull only, never around a create, so starts of
+        a present image never wait for one another.
+        """
+        pulls = self._pulls.setdefault((client.base_url, image), _Pulls())
+        async with pulls.lock:
+            if pulls.ended != seen:
+                if pulls.failure is not None:
+                    raise DockerProvisionerError(pulls.failure)
+                return
+            try:
+                await self._pull(client, image, log)
+            except DockerProvisionerError as exc:
+                pulls.ended += 1
+                pulls.failure = str(exc)
+                raise
+            pulls.ended += 1
+            pulls.failure = None
 
     async def _pull(self, client: docker.APIClient, image: str, log: BoundLogger) -> None:
         log.info("Pulling image", image=image)
@@ -481,23 +484,44 @@ class DockerProvisioner(ClosingContext):
     # -- container -------------------------------------------------------------------------
 
     async def _create_and_start(
-        self, client: docker.APIClient, request: RunnerRequest, options: DockerImage
+        self,
+        client: docker.APIClient,
+        request: RunnerRequest,
+        options: DockerImage,
+        log: BoundLogger,
     ) -> str:
         spec = _container_spec(client, request, options)
+        image = options.image
+        # Pulls of this image that had ended when this start began: a pull ending later may be
+        # the one this start needs (see _pull_once).
+        pulls = self._pulls.get((client.base_url, image))
+        seen = pulls.ended if pulls is not None else 0
+        if options.pull == "always":
+            await self._pull_once(client, image, log, seen)
         # The create future is kept (and shielded) so that, whatever interrupts start, the
         # container it makes is found and removed, even if the call is still running in its
-        # thread when the cancellation arrives.
+        # thread when the cancellation arrives. A create the engine refused for a missing image
+        # made nothing (no container of that name exists), so after a pull only the second
+        # create's future needs undoing.
         created = self._workers.submit(partial(client.create_container, **spec))
         try:
-            container_id = str((await asyncio.shield(created))["Id"])
+            try:
+                result = await asyncio.shield(created)
+            except docker.errors.ImageNotFound:
+                if options.pull != "missing":
+                    raise
+                await self._pull_once(client, image, log, seen)
+                created = self._workers.submit(partial(client.create_container, **spec))
+                result = await asyncio.shield(created)
+            container_id = str(result["Id"])
+            log.debug("Container created", id=container_id[:12])
             await self._call(client.start, container_id)
         except BaseException as exc:
             await self._undo_create(client, created)
-            if isinstance(exc, Exception):
-                raise DockerProvisionerError(
-                    f"start container {request.name} from {options.image}: {_explain(exc)}"
-                ) from exc
-            raise
+            error = _start_error(exc, request, options)
+            if error is exc:
+                raise
+            raise error from exc
         return container_id
 
     async def _undo_create(self, client: docker.APIClient, created: asyncio.Future[Any]) -> None:
@@ -631,6 +655,25 @@ def _container_spec(
         "host_config": host_config,
         "detach": True,
     }
+
+
+def _start_error(exc: BaseException, request: RunnerRequest, options: DockerImage) -> BaseException:
+    """What a failed create and start raises: ``exc`` itself when it says enough already (a
+    pull's error, a cancellation), else a :class:`DockerProvisionerError` naming the runner and
+    image."""
+    if isinstance(exc, DockerProvisionerError) or not isinstance(exc, Exception):
+        return exc
+    image = options.image
+    if isinstance(exc, docker.errors.ImageNotFound):
+        if options.pull == "never":
+            return DockerProvisionerError(
+                f"image {image} is not present on the Docker engine and pull is never"
+            )
+        return DockerProvisionerError(
+            f"image {image} is not present on the Docker engine after it was pulled: "
+            f"{_explain(exc)}"
+        )
+    return DockerProvisionerError(f"start container {request.name} from {image}: {_explain(exc)}")
 
 
 def _labels(info: Mapping[str, Any]) -> Mapping[str, str]:
@@ -853,6 +896,18 @@ def _close_stream(stream: CancellableStream[Any]) -> None:
     # the thread then ends with the stream's next event or the engine's end).
     with contextlib.suppress(Exception):
         stream.close()
+
+
+@dataclass
+class _Pulls:
+    """The pulls of one image on one engine (see :meth:`DockerProvisioner._pull_once`)."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    """Held while the image is being pulled, and only then."""
+    ended: int = 0
+    """Pulls that ended, successfully or not (not those cancelled)."""
+    failure: str | None = None
+    """The error message of the last ended pull, or ``None`` when it succeeded."""
 
 
 class _PullProgress:

@@ -39,8 +39,9 @@ from tests.testing.raw import raw_client
 pytestmark = [pytest.mark.anyio, pytest.mark.docker]
 
 MIB = 1024 * 1024
-# Not a tag anyone has locally; docker.io is unreachable here, so its pull fails fast.
-MISSING_IMAGE = "outrunner-test/never-built:missing"
+# Not a tag anyone has locally; its registry refuses connections, so its pull fails at once.
+UNPULLABLE = "127.0.0.1:1/outrunner/unpullable"
+MISSING_IMAGE = f"{UNPULLABLE}:latest"
 
 
 @pytest.fixture
@@ -55,7 +56,7 @@ async def provisioner(runner_image: str) -> AsyncIterator[DockerProvisioner]:
 
 
 class Clients:
-    """A client_factory that builds real clients and spies on their pull and create calls."""
+    """A client_factory that builds real clients and spies on their image and create calls."""
 
     def __init__(self, mocker: MockerFixture) -> None:
         self._mocker = mocker
@@ -63,13 +64,17 @@ class Clients:
 
     def __call__(self, url: str | None) -> docker.APIClient:
         client = default_client(url)
-        self._mocker.spy(client, "pull")
+        for method in ("pull", "inspect_image", "create_container"):
+            self._mocker.spy(client, method)
         self.made.append((url, client))
         return client
 
+    def count(self, method: str) -> int:
+        return sum(getattr(client, method).call_count for _, client in self.made)
+
     @property
     def pulls(self) -> int:
-        return sum(client.pull.call_count for _, client in self.made)  # type: ignore[attr-defined]
+        return self.count("pull")
 
 
 @pytest.fixture
@@ -372,11 +377,53 @@ async def test_local_image_is_used_without_pulling(
     assert clients.pulls == 0
 
 
+async def test_burst_of_a_present_image_only_creates_and_starts(
+    clients: Clients,
+    engine: docker.APIClient,
+    scale_set: str,
+    runner_image: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # As `docker run`: the create is the image check, so a start makes two engine calls.
+    caplog.set_level(logging.DEBUG, logger="outrunner")
+    requests = [request(scale_set) for _ in range(10)]
+    async with DockerProvisioner(client_factory=clients) as provisioner:
+        await asyncio.gather(*(provisioner.start(r) for r in requests))
+        for req in requests:
+            info = await inspect(engine, req.name)
+            assert info is not None
+            assert info["State"]["Running"]
+        assert clients.count("inspect_image") == 0
+        assert clients.count("create_container") == 10
+        assert clients.pulls == 0
+        created = [r.attrs["name"] for r in caplog.records if r.getMessage() == "Container created"]  # type: ignore[attr-defined]
+        assert sorted(created) == sorted(r.name for r in requests)
+        await asyncio.gather(*(provisioner.stop(r.name) for r in requests))
+
+
+@pytest.fixture
+def unpullable_but_present(engine: docker.APIClient, runner_image: str) -> Iterator[str]:
+    """The test runner image under a tag of the unreachable registry: present, not pullable."""
+    tag = secrets.token_hex(4)
+    engine.tag(runner_image, UNPULLABLE, tag)
+    image = f"{UNPULLABLE}:{tag}"
+    try:
+        yield image
+    finally:
+        with contextlib.suppress(docker.errors.NotFound):
+            engine.remove_image(image)
+
+
 @pytest.mark.parametrize("pull", ["missing", "always"])
 async def test_failed_pull_is_a_clear_error(
-    clients: Clients, engine: docker.APIClient, scale_set: str, runner_image: str, pull: str
+    clients: Clients,
+    engine: docker.APIClient,
+    scale_set: str,
+    unpullable_but_present: str,
+    pull: str,
 ) -> None:
-    image = MISSING_IMAGE if pull == "missing" else runner_image
+    # "always" pulls even an image that is present, and a failed pull fails the start.
+    image = MISSING_IMAGE if pull == "missing" else unpullable_but_present
     req = request(scale_set, image=image, pull=pull)
     async with DockerProvisioner(client_factory=clients) as provisioner:
         with pytest.raises(DockerProvisionerError) as caught:
@@ -385,7 +432,29 @@ async def test_failed_pull_is_a_clear_error(
     assert message.startswith(f"pull image {image}: ")
     assert len(message) > len(f"pull image {image}: ") + 10  # the engine's own reason follows
     assert clients.pulls == 1
+    assert clients.count("create_container") == (1 if pull == "missing" else 0)
     assert await inspect(engine, req.name) is None
+
+
+async def test_concurrent_starts_share_a_failed_pull(
+    clients: Clients, engine: docker.APIClient, scale_set: str
+) -> None:
+    requests = [request(scale_set, image=MISSING_IMAGE) for _ in range(3)]
+    async with DockerProvisioner(client_factory=clients) as provisioner:
+        results = await asyncio.gather(
+            *(provisioner.start(r) for r in requests), return_exceptions=True
+        )
+        assert clients.pulls == 1
+        messages = {str(result) for result in results}
+        assert len(messages) == 1
+        assert messages.pop().startswith(f"pull image {MISSING_IMAGE}: ")
+        assert all(isinstance(result, DockerProvisionerError) for result in results)
+        # A later start tries again.
+        with pytest.raises(DockerProvisionerError, match=f"pull image {MISSING_IMAGE}: "):
+            await provisioner.start(request(scale_set, image=MISSING_IMAGE))
+        assert clients.pulls == 2
+    for req in requests:
+        assert await inspect(engine, req.name) is None
 
 
 async def test_pull_never_with_missing_image(
@@ -393,9 +462,13 @@ async def test_pull_never_with_missing_image(
 ) -> None:
     req = request(scale_set, image=MISSING_IMAGE, pull="never")
     async with DockerProvisioner(client_factory=clients) as provisioner:
-        with pytest.raises(DockerProvisionerError, match=r"not present.*pull is never"):
+        with pytest.raises(DockerProvisionerError) as caught:
             await provisioner.start(req)
+    assert str(caught.value) == (
+        f"image {MISSING_IMAGE} is not present on the Docker engine and pull is never"
+    )
     assert clients.pulls == 0
+    assert clients.count("create_container") == 1
     assert await inspect(engine, req.name) is None
 
 
@@ -417,19 +490,107 @@ async def test_missing_image_is_pulled_with_progress_logged(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="outrunner")
-    requests = [request(scale_set, image=registry.image, runner_cmd="/bin/sh") for _ in range(3)]
+    requests = [request(scale_set, image=registry.image, runner_cmd="/bin/sh") for _ in range(5)]
     async with DockerProvisioner(client_factory=clients) as provisioner:
-        # Three starts at once: one pull, the others wait for it and find the image.
+        # Five starts at once: each create finds the image missing; one pull, the others wait
+        # for it and then create again.
         await asyncio.gather(*(provisioner.start(r) for r in requests))
         for req in requests:
             await provisioner.stop(req.name)
     assert clients.pulls == 1
+    assert clients.count("inspect_image") == 0
     messages = [(r.levelname, r.getMessage()) for r in caplog.records]
     assert messages.count(("INFO", "Pulling image")) == 1
     assert messages.count(("INFO", "Pulled image")) == 1
+    assert messages.count(("INFO", "Container started")) == 5
     statuses = [r.attrs.get("status") for r in caplog.records if r.getMessage() == "Pull progress"]  # type: ignore[attr-defined]
     assert "Pull complete" in statuses
     assert any(r.startswith("GET /v2/outrunner/pulled/blobs/") for r in registry.requests)
+
+
+async def test_pull_always_shares_a_running_pull_only(
+    clients: Clients, engine: docker.APIClient, scale_set: str, registry: Registry
+) -> None:
+    def always() -> RunnerRequest:
+        return request(scale_set, image=registry.image, runner_cmd="/bin/sh", pull="always")
+
+    burst, later = [always() for _ in range(5)], always()
+    async with DockerProvisioner(client_factory=clients) as provisioner:
+        await asyncio.gather(*(provisioner.start(r) for r in burst))
+        assert clients.pulls == 1  # the starts that came while it ran waited for it
+        assert clients.count("create_container") == 5
+        await provisioner.start(later)  # after that pull ended: "always" pulls again
+        assert clients.pulls == 2
+        for req in [*burst, later]:
+            await provisioner.stop(req.name)
+
+
+async def test_image_gone_again_after_its_pull_is_a_clear_error(
+    mocker: MockerFixture, engine: docker.APIClient, scale_set: str, registry: Registry
+) -> None:
+    def vanishing_image(url: str | None) -> docker.APIClient:
+        client = default_client(url)
+        pull = client.pull
+
+        def pull_then_lose_it(*args: Any, **kwargs: Any) -> Any:
+            yield from pull(*args, **kwargs)
+            client.remove_image(registry.image)  # someone removes it right after the pull
+
+        mocker.patch.object(client, "pull", side_effect=pull_then_lose_it)
+        return client
+
+    req = request(scale_set, image=registry.image, runner_cmd="/bin/sh")
+    async with DockerProvisioner(client_factory=vanishing_image) as provisioner:
+        with pytest.raises(DockerProvisionerError) as caught:
+            await provisioner.start(req)
+    assert str(caught.value).startswith(
+        f"image {registry.image} is not present on the Docker engine after it was pulled: "
+    )
+    assert await inspect(engine, req.name) is None
+
+
+@pytest.mark.parametrize("during", ["pull", "second create"])
+async def test_cancel_while_pulling_or_creating_after_the_pull(
+    mocker: MockerFixture, engine: docker.APIClient, scale_set: str, registry: Registry, during: str
+) -> None:
+    inside = threading.Event()
+    creates = 0
+
+    def slow_engine(url: str | None) -> docker.APIClient:
+        # An engine that takes its time in one call (test double, not the provisioner).
+        client = default_client(url)
+        pull, create = client.pull, client.create_container
+
+        def slow_pull(*args: Any, **kwargs: Any) -> Any:
+            if during == "pull":
+                inside.set()
+                time.sleep(0.5)
+            return pull(*args, **kwargs)
+
+        def slow_create(*args: Any, **kwargs: Any) -> Any:
+            nonlocal creates
+            creates += 1
+            if during == "second create" and creates == 2:
+                inside.set()
+                time.sleep(0.5)
+            return create(*args, **kwargs)
+
+        mocker.patch.object(client, "pull", side_effect=slow_pull)
+        mocker.patch.object(client, "create_container", side_effect=slow_create)
+        return client
+
+    req = request(scale_set, image=registry.image, runner_cmd="/bin/sh")
+    async with DockerProvisioner(client_factory=slow_engine) as provisioner:
+        task = asyncio.create_task(provisioner.start(req))
+        await wait_until(lambda: asyncio.sleep(0, inside.is_set()))
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await inspect(engine, req.name) is None
+        # Nothing is held: the next start pulls (if the cancelled pull did not finish) and runs.
+        again = request(scale_set, image=registry.image, runner_cmd="/bin/sh")
+        await provisioner.start(again)
+        await provisioner.stop(again.name)
 
 
 async def test_pull_failing_midway_is_a_clear_error(
