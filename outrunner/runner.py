@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
+
+from outrunner._aio import Signal
 
 __all__ = ["RunnerPhase", "RunnerSnapshot", "RunnerState"]
 
@@ -50,8 +51,8 @@ class RunnerState:
     """Draining already tried to deregister it while it had no job (the Scaler's bookkeeping)."""
     reaped: bool = field(default=False, repr=False)
     """Ended for its age (``max_lifetime`` / ``idle_timeout``); a replacement follows."""
-    _done: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
-    _release: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    _done: Signal = field(default_factory=Signal, repr=False)
+    _release: Signal = field(default_factory=Signal, repr=False)
 
     def signal_done(self) -> None:
         """Tell the lifecycle that the job finished. Safe to call any number of times."""
@@ -61,12 +62,22 @@ class RunnerState:
     def is_done(self) -> bool:
         return self._done.is_set()
 
+    @property
+    def done_signal(self) -> Signal:
+        """Set by :meth:`signal_done`; its waiter lets the Scaler wait without a task."""
+        return self._done
+
     async def wait_done(self) -> None:
         await self._done.wait()
 
     def request_release(self) -> None:
         """Ask the lifecycle to release the runner if it has no job (as draining does)."""
         self._release.set()
+
+    @property
+    def release_signal(self) -> Signal:
+        """Set by :meth:`request_release`."""
+        return self._release
 
     async def wait_release(self) -> None:
         await self._release.wait()

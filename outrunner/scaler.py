@@ -31,13 +31,13 @@ import asyncio
 import logging
 import random
 import secrets
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import Enum, auto
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
-from outrunner._aio import backoff, cancel_and_wait
+from outrunner._aio import Signal, backoff, cancel_and_wait, first_of
 from outrunner.failures import Failure, classify
 from outrunner.journal import JournalEntry, JournalPhase
 from outrunner.log import BoundLogger, get_logger, register_secret, unregister_secret
@@ -71,13 +71,17 @@ DEREGISTER_TIMEOUT = 10.0
 WATCH_INTERVAL = 15.0
 """Seconds between checks that a live runner's environment still exists (EnvironmentMonitor)."""
 JIT_CONCURRENCY = 8
-"""JIT configs requested at once during a burst; bounded so a burst of 100 does not open 100."""
+"""JIT configs requested at once during a burst; bounded so a burst of 100 does not open 100.
+Runner removals (deregistrations, releases) are bounded to twice as many."""
 RETRY_FIRST: Final = 1.0
 RETRY_MAX: Final = 60.0
 """Backoff (seconds) between deregistration attempts while GitHub does not confirm them."""
 START_BACKOFF_FIRST: Final = 1.0
 START_BACKOFF_MAX: Final = 300.0
 """Backoff (seconds) after consecutive failed starts: 1 s doubling to 5 minutes, jittered."""
+UNCONFIRMED_FOR: Final = 60.0
+"""Seconds a runner that ended in the middle of its job, before its JobCompleted message
+arrived, still counts towards the demand (see Scaler.handle_desired_runner_count)."""
 REAP_INTERVAL = 5.0
 """Seconds between checks of runner ages against ``max_lifetime`` and ``idle_timeout``."""
 PHANTOM_REAPS: Final = 3
@@ -196,6 +200,9 @@ class Scaler:
         self._start_timeout = start_timeout
         self._deregister_timeout = deregister_timeout
         self._jit_slots = asyncio.Semaphore(jit_concurrency)
+        # Removals are bounded too: when a wave of jobs ends together, hundreds of DELETEs built
+        # and sent in one loop iteration stalled the loop for hundreds of milliseconds.
+        self._removal_slots = asyncio.Semaphore(2 * jit_concurrency)
         self._watch_interval = watch_interval
         self._retry = (retry_first, retry_max)
         self._start_backoff_limits = (start_backoff_first, start_backoff_max)
@@ -214,11 +221,14 @@ class Scaler:
         # counting them is what keeps concurrent calls from overshooting the target.
         self._reserved = 0
         self._adding: set[asyncio.Task[None]] = set()
-        self._held_back = False
         """JIT requests in flight, each in its own task (see handle_desired_runner_count)."""
+        self._held_back = False
+        # Runners gone while running a job whose JobCompleted has not arrived -> loop time they
+        # went (see handle_desired_runner_count).
+        self._unconfirmed: dict[str, float] = {}
         self._naming: set[str] = set()
-        self._draining = asyncio.Event()
-        self._forced = asyncio.Event()
+        self._draining = Signal()
+        self._forced = Signal()
         self._empty = asyncio.Event()
         self._empty.set()
 
@@ -312,8 +322,9 @@ class Scaler:
         A runner stopping after its JobCompleted message takes no more jobs and is no longer in
         GitHub's count, so it does not count towards the demand; its environment still counts
         against ``max_runners`` until it is gone, and demand it held back is met as soon as it
-        is. (A runner stopping because its environment ended counts until its JobCompleted
-        arrives: the statistics may still count its job, and a runner for it would idle.)
+        is. (A runner whose environment ended in the middle of its job counts until its
+        JobCompleted arrives, even once it is gone, for up to ``UNCONFIRMED_FOR`` seconds: the
+        statistics may still count its job, and a runner started for it would only idle.)
 
         Returns at once: the JIT requests of new runners run in tasks of their own (so a burst
         never holds up the listener's next poll), at most ``jit_concurrency`` at a time. A JIT
@@ -330,7 +341,7 @@ class Scaler:
         )
         current = len(self._runners) + self._reserved
         room = self._max_runners - current
-        wanted = target - (current - finished)
+        wanted = target - (current - finished + self._count_unconfirmed())
         # Demand that only finished environments hold back is met as soon as one is gone.
         self._held_back = finished > 0 and wanted > room
         missing = 0 if self.draining else min(wanted, room)
@@ -375,6 +386,17 @@ class Scaler:
         state = self._runners.get(job.runner_name)
         if state is not None:
             state.signal_done()
+        self._unconfirmed.pop(job.runner_name, None)
+
+    def _count_unconfirmed(self) -> int:
+        """Runners gone in the middle of a job whose JobCompleted has not arrived (forgotten
+        after ``UNCONFIRMED_FOR``: a lost message must not hold a slot for good)."""
+        if self._unconfirmed:
+            now = asyncio.get_running_loop().time()
+            for name, gone_at in list(self._unconfirmed.items()):
+                if now - gone_at >= UNCONFIRMED_FOR:
+                    del self._unconfirmed[name]
+        return len(self._unconfirmed)
 
     # -- recovery, draining, shutdown --------------------------------------------------------
 
@@ -543,6 +565,7 @@ class Scaler:
     async def _lifecycle(self, state: RunnerState, request: RunnerRequest | None) -> None:
         """Provision (unless adopted), wait for the end, stop, deregister."""
         deregistered = False
+        ran_job = False
         try:
             if request is not None:
                 outcome = await self._provision(state, request)
@@ -553,6 +576,7 @@ class Scaler:
                         self._forget(state.name)
                     return
             deregistered = await self._wait_for_end(state)
+            ran_job = state.phase is RunnerPhase.RUNNING
             self._set_phase(state, RunnerPhase.STOPPING)
             self._log.info("Stopping runner", name=state.name)
             await self._stop(state.name)
@@ -567,6 +591,8 @@ class Scaler:
             self._tasks.pop(state.name, None)
             if not self._runners:
                 self._empty.set()
+            if ran_job and not state.is_done and not self.draining:
+                self._unconfirmed[state.name] = asyncio.get_running_loop().time()
             if self._on_phase_change is not None:
                 self._on_phase_change(state.name, None)
             if (state.reaped or self._held_back) and not self.draining:
@@ -582,18 +608,18 @@ class Scaler:
         watch = asyncio.create_task(self._watch(state))
         try:
             while True:
-                ends: list[Coroutine[Any, Any, Any]] = [state.wait_done(), self._forced.wait()]
+                ends = [state.done_signal.waiter(), self._forced.waiter()]
                 if state.phase is not RunnerPhase.RUNNING and not state.release_tried:
-                    # index 3: drained, or reaped for its age: release it, then go on
-                    ends.append(_first_of(self._draining.wait(), state.wait_release()))
-                if await _first_of(watch, *ends) != 3:
+                    # indexes 3 and 4: drained, or reaped for its age: release it, then go on
+                    ends += [self._draining.waiter(), state.release_signal.waiter()]
+                if await first_of(watch, *ends) < 3:
                     return False
                 if state.phase is RunnerPhase.RUNNING:
                     continue  # it took a job while waiting: the drain leaves it alone
                 state.release_tried = True
                 # The environment may end while GitHub is slow to answer the release.
                 release = asyncio.ensure_future(self._release(state))
-                if await _first_of(watch, release) == 0:
+                if await first_of(watch, release) == 0:
                     await cancel_and_wait(release)
                     return False
                 if release.result():
@@ -604,20 +630,22 @@ class Scaler:
     async def _watch(self, state: RunnerState) -> None:
         """Return once the runner's environment has ended on its own; never, if the backend
         cannot tell. An ExitWatcher answers within moments; the EnvironmentMonitor poll stays
-        as the safety net (a watcher that failed, an engine that lost events)."""
+        as the safety net (a watcher that failed, an engine that lost events), asked every
+        ``watch_interval`` while the watcher has not answered."""
         name = state.name
-        watchers: list[asyncio.Task[None]] = []
-        if isinstance(self._provisioner, ExitWatcher):
-            watchers.append(asyncio.create_task(self._wait_exited(self._provisioner, name)))
-        if isinstance(self._provisioner, EnvironmentMonitor):
-            watchers.append(asyncio.create_task(self._poll_exited(self._provisioner, name)))
-        if not watchers:
-            await asyncio.Event().wait()
+        provisioner = self._provisioner
+        watcher = None
+        if isinstance(provisioner, ExitWatcher):
+            watcher = asyncio.create_task(self._wait_exited(provisioner, name))
         try:
-            await _first_of(*watchers)
+            if not isinstance(provisioner, EnvironmentMonitor):
+                # Without a monitor: the watcher's answer, or (neither) never.
+                await (watcher or asyncio.get_running_loop().create_future())
+            else:
+                while not await self._exited(provisioner, name, watcher):
+                    pass
         finally:
-            for watcher in watchers:
-                await cancel_and_wait(watcher)
+            await cancel_and_wait(watcher)
         if state.phase is RunnerPhase.RUNNING or state.is_done:
             self._log.info("Runner environment exited", name=name)
         else:
@@ -630,14 +658,21 @@ class Scaler:
             self._log.debug("Cannot watch runner environment", name=name, error=str(exc))
             await asyncio.Event().wait()
 
-    async def _poll_exited(self, monitor: EnvironmentMonitor, name: str) -> None:
-        while True:
+    async def _exited(
+        self, monitor: EnvironmentMonitor, name: str, watcher: asyncio.Task[None] | None
+    ) -> bool:
+        """One ``watch_interval``: True when the watcher answered in it or the monitor says the
+        environment is gone at its end."""
+        if watcher is not None:
+            if await first_of(watcher, timeout=self._watch_interval) == 0:
+                return True
+        else:
             await asyncio.sleep(self._watch_interval)
-            try:
-                if await monitor.exited(name):
-                    return
-            except Exception as exc:  # a monitor hiccup is no reason to drop a runner
-                self._log.debug("Could not check runner environment", name=name, error=str(exc))
+        try:
+            return await monitor.exited(name)
+        except Exception as exc:  # a monitor hiccup is no reason to drop a runner
+            self._log.debug("Could not check runner environment", name=name, error=str(exc))
+            return False
 
     async def _release(self, state: RunnerState) -> bool:
         """Deregister a runner that has no job, before its environment is stopped, so no job can
@@ -661,8 +696,8 @@ class Scaler:
                 if state.phase is not RunnerPhase.RUNNING:
                     self._set_phase(state, RunnerPhase.RUNNING)
                 return False
-            waited = await _first_of(
-                asyncio.sleep(next(delays)), state.wait_done(), self._forced.wait()
+            waited = await first_of(
+                asyncio.sleep(next(delays)), state.done_signal.waiter(), self._forced.waiter()
             )
             if waited != 0:
                 return False
@@ -682,7 +717,7 @@ class Scaler:
                 if state.release_tried:
                     await asyncio.shield(start)
                     break
-                if await _first_of(start, self._draining.wait()) == 0:
+                if await first_of(start, self._draining.waiter()) == 0:
                     break
                 state.release_tried = True
                 if state.phase is RunnerPhase.RUNNING:
@@ -904,9 +939,13 @@ class Scaler:
             if self._forced.is_set():  # shutting down: a last few prompt attempts
                 await asyncio.sleep(min(delay, 1.0))
             else:  # a shutdown cuts the wait short
-                await _first_of(asyncio.sleep(delay), self._forced.wait())
+                await first_of(asyncio.sleep(delay), self._forced.waiter())
 
     async def _remove_once(self, name: str, runner_id: int, *, quiet: bool) -> _Removal:
+        async with self._removal_slots:  # the timeout below is the request's, not the wait's
+            return await self._remove_now(name, runner_id, quiet=quiet)
+
+    async def _remove_now(self, name: str, runner_id: int, *, quiet: bool) -> _Removal:
         try:
             async with asyncio.timeout(self._deregister_timeout):
                 if runner_id == 0:
@@ -1020,16 +1059,3 @@ def _backend_of(runner: RunnerConfig) -> str:
         return runner.provider_type
     except ValueError:  # a hand-built RunnerConfig without a backend (tests, custom scalers)
         return ""
-
-
-async def _first_of(*waits: Coroutine[Any, Any, Any] | asyncio.Future[Any]) -> int:
-    """Wait for the first of ``waits`` to finish; return its index. The others are cancelled
-    (tasks passed in are the caller's: they are left running)."""
-    tasks = [asyncio.ensure_future(w) for w in waits]
-    owned = [t for t, w in zip(tasks, waits, strict=True) if t is not w]
-    try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in owned:
-            await cancel_and_wait(task)
-    return next(i for i, task in enumerate(tasks) if task in done)

@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 
-from outrunner._aio import backoff, cancel_and_wait
+from outrunner._aio import Signal, backoff, cancel_and_wait, first_of
 
 
 def test_backoff_grows_to_its_maximum_and_stays() -> None:
@@ -45,3 +45,85 @@ async def test_cancel_and_wait_swallows_the_task_outcome_not_the_callers_cancell
     assert not blocker.done()
     await asyncio.wait({blocker})
     await cancel_and_wait(None)
+
+
+@pytest.mark.anyio
+async def test_a_signal_wakes_every_waiter_through_one_shared_future() -> None:
+    signal = Signal()
+    assert not signal.is_set()
+    assert signal.waiter() is signal.waiter()  # shared: no object per waiter
+    waiters = [asyncio.create_task(signal.wait()) for _ in range(3)]
+    await asyncio.sleep(0)
+    assert not any(w.done() for w in waiters)
+    signal.set()
+    await asyncio.wait_for(asyncio.gather(*waiters), 1)
+    assert signal.is_set()
+    assert signal.waiter().done()
+    await signal.wait()  # set: returns at once
+
+
+@pytest.mark.anyio
+async def test_cancelling_a_waiter_leaves_the_signal_and_the_other_waiters_alone() -> None:
+    signal = Signal()
+    first, second = (asyncio.create_task(signal.wait()) for _ in range(2))
+    await asyncio.sleep(0)
+    await cancel_and_wait(first)
+    assert not signal.waiter().cancelled()
+    signal.set()
+    await asyncio.wait_for(second, 1)
+
+
+def test_a_signal_set_outside_a_loop_is_set_in_the_next_one() -> None:
+    signal = Signal()
+    signal.set()
+
+    async def check() -> bool:
+        return signal.waiter().done()
+
+    assert asyncio.run(check())
+    assert asyncio.run(check())  # a new loop gets a future of its own, already done
+
+
+@pytest.mark.anyio
+async def test_first_of_returns_the_index_of_the_first_to_finish() -> None:
+    slow, fast = Signal(), Signal()
+    asyncio.get_running_loop().call_later(0.01, fast.set)
+    assert await first_of(slow.waiter(), fast.waiter()) == 1
+    assert not slow.waiter().done()
+    assert await first_of(slow.waiter(), fast.waiter()) == 1  # already done: no wait
+    assert await first_of(slow.waiter(), timeout=0.01) == -1
+
+
+@pytest.mark.anyio
+async def test_first_of_cancels_the_coroutines_it_started_not_the_callers_futures() -> None:
+    started = asyncio.Event()
+    cancelled = False
+
+    async def forever() -> None:
+        nonlocal cancelled
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled = True
+            raise
+
+    theirs = asyncio.create_task(asyncio.sleep(10))
+    assert await first_of(forever(), theirs, asyncio.sleep(0.01)) == 2
+    assert started.is_set()
+    assert cancelled
+    assert not theirs.done()  # the caller's task is left running
+    theirs.cancel()
+
+
+@pytest.mark.anyio
+async def test_cancelling_first_of_removes_its_callbacks_and_cancels_its_tasks() -> None:
+    shared = Signal()
+    before = asyncio.all_tasks()
+    waiting = asyncio.create_task(first_of(shared.waiter(), asyncio.sleep(10)))
+    await asyncio.sleep(0.01)
+    await cancel_and_wait(waiting)
+    assert waiting.cancelled()
+    future = shared.waiter()
+    assert not future.cancelled()
+    assert asyncio.all_tasks() == before  # the sleep's task is gone too

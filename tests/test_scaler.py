@@ -757,3 +757,29 @@ async def test_a_stopping_runner_does_not_count_as_available() -> None:
     release.set()
     await eventually(lambda: phases(s) == [RunnerPhase.IDLE])
     await s.shutdown()
+
+
+async def test_a_runner_gone_before_its_job_completed_message_still_counts() -> None:
+    """A runner's environment can end (its job done) and the runner be gone before the message
+    with its JobCompleted arrives; until then GitHub's statistics may still count its job, so
+    the demand signal must not start a runner for it (it would only idle)."""
+    client, prov = FakeClient(), InMemoryProvisioner()
+    s = make_scaler(client, prov, max_runners=2)
+    await s.handle_desired_runner_count(2)
+    await eventually(lambda: phases(s) == [RunnerPhase.IDLE] * 2)
+    first, second = (r.name for r in s.runners())
+    for name in (first, second):
+        await s.handle_job_started(JobStarted(runner_name=name))
+    prov.environments[first].end()  # the job is done, its message not yet here
+    await eventually(lambda: [r.name for r in s.runners()] == [second])
+    # Statistics from before the JobCompleted: still 2 assigned jobs, both with runners.
+    assert await s.handle_desired_runner_count(2) == 1
+    assert len(client.jit_names) == 2
+    # The message arrives: one job left, which has its runner.
+    await s.handle_job_completed(JobCompleted(runner_name=first, result="succeeded"))
+    assert await s.handle_desired_runner_count(1) == 1
+    assert len(client.jit_names) == 2
+    # A new job now gets a runner.
+    assert await s.handle_desired_runner_count(2) == 2
+    assert len(client.jit_names) == 3
+    await s.shutdown()

@@ -17,7 +17,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 
-from outrunner._aio import ClosingContext, cancel_and_wait
+from outrunner._aio import ClosingContext, Signal, cancel_and_wait, first_of
 from outrunner.config import RunnerConfig
 from outrunner.provisioner import RunnerRequest, is_runner_name
 
@@ -30,9 +30,9 @@ Workload = Callable[[RunnerRequest], Awaitable[object]]
 class MemoryEnvironment:
     request: RunnerRequest
     task: asyncio.Task[object] | None = field(default=None, repr=False)
-    removed: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    removed: Signal = field(default_factory=Signal, repr=False)
     """Set once the environment is stopped or cleaned up."""
-    ended: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    ended: Signal = field(default_factory=Signal, repr=False)
     """Set once its runner process ended on its own (the workload returned, or :meth:`end`)."""
 
     @property
@@ -121,15 +121,7 @@ class InMemoryProvisioner(ClosingContext):
         env = self.environments.get(name)
         if env is None:
             return
-        waits = {
-            asyncio.ensure_future(env.removed.wait()),
-            asyncio.ensure_future(env.ended.wait()),
-        }
-        try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for wait in waits:
-                wait.cancel()
+        await first_of(env.removed.waiter(), env.ended.waiter())
 
     async def adopt(self, name: str, runner: RunnerConfig) -> bool:
         env = self.environments.get(name)
