@@ -19,6 +19,7 @@ worker tasks) through one exit stack, released in reverse order.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import os
 import signal
@@ -684,7 +685,13 @@ async def serve(service: Service, *, on_reload: Callable[[], None] | None = None
     second stops every runner at once; after that the default handlers are back, so a third
     signal interrupts even a stuck shutdown. With ``on_reload``, SIGHUP calls it (on the event
     loop) instead of ending the process, as a service manager's "reload" expects.
+
+    Like the signal handlers, one thing is for the whole process: what it allocated so far
+    (modules, the config, clients) is moved out of the garbage collector's way
+    (``gc.freeze()``). It lives as long as the process, and each full collection would walk it
+    again: some 40,000 objects, 40 ms per pass on the reference machine (docs/performance.md).
     """
+    gc.freeze()
     loop = asyncio.get_running_loop()
     signals = (signal.SIGINT, signal.SIGTERM)
 
