@@ -24,6 +24,7 @@ import sys
 import httpx
 
 from outrunner.provisioner import RunnerRequest
+from outrunner.scaleset._network import use_asyncio_network
 from outrunner.testing import InMemoryProvisioner
 from outrunner.testing.agent import AgentError, run_agent
 
@@ -92,13 +93,17 @@ class AgentPoolProvisioner(InMemoryProvisioner):
 # -- the pool process ------------------------------------------------------------------------
 
 
+AGENTS_PER_CLIENT = 4
+"""Agents sharing one httpx client (each holds a connection for its long poll). One client for
+all of them made this process the machine's busiest at 1,000 agents: httpcore's pool scans every
+waiting request against every connection (see outrunner/scaleset/_pool.py), and the agents
+compete with outrunner for the same two cores."""
+
+
 class _Agents:
     def __init__(self) -> None:
-        # Every agent shares one client; the fake is on loopback, so no proxy and no pool cap.
-        self.client = httpx.AsyncClient(
-            trust_env=False,
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=2000),
-        )
+        # client -> agents using it; the fake is on loopback, so no proxy.
+        self.clients: dict[httpx.AsyncClient, int] = {}
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.finished = 0
         self.failed = 0
@@ -115,10 +120,24 @@ class _Agents:
         for task in self.tasks.values():
             task.cancel()
 
+    def _client(self) -> httpx.AsyncClient:
+        client = next((c for c, users in self.clients.items() if users < AGENTS_PER_CLIENT), None)
+        if client is None:
+            limits = httpx.Limits(max_connections=AGENTS_PER_CLIENT + 1)
+            client = httpx.AsyncClient(trust_env=False, limits=limits)
+            use_asyncio_network(client)
+        self.clients[client] = self.clients.get(client, 0) + 1
+        return client
+
+    async def aclose(self) -> None:
+        for client in self.clients:
+            await client.aclose()
+
     async def _agent(self, name: str, jit: str, writer: asyncio.StreamWriter) -> None:
         outcome = "ok"
+        client = self._client()
         try:
-            await run_agent(jit, client=self.client, poll_timeout=30.0, retry_for=30.0)
+            await run_agent(jit, client=client, poll_timeout=30.0, retry_for=30.0)
             self.finished += 1
         except asyncio.CancelledError:
             outcome = "stopped"
@@ -127,6 +146,7 @@ class _Agents:
             outcome = "error"
             self.failed += 1
         finally:
+            self.clients[client] -= 1
             self.tasks.pop(name, None)
             if outcome != "stopped" and not writer.is_closing():
                 writer.write(f"exit {name} {outcome}\n".encode())
@@ -140,7 +160,7 @@ async def _main(path: str) -> None:
         print(json.dumps({"socket": path}), flush=True)
         # Runs until the orchestrator closes our stdin (or kills us).
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
-        await agents.client.aclose()
+        await agents.aclose()
 
 
 def main() -> None:

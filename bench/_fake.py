@@ -24,6 +24,8 @@ from outrunner.testing import FakeGitHub
 from outrunner.testing.fakegithub.model import JobState
 from outrunner.testing.fakegithub.routes import Request, Response, Router
 
+JOB_NAMES = ("build", "test", "lint", "package")
+
 
 def _kind(method: str, path: str) -> str:
     """The request's part in a job's life, from its method and path."""
@@ -105,7 +107,13 @@ class _Controls:
             labels = request.get("labels", ["linux"])
             duration = float(request.get("duration", 0.0))
             began = time.time()
-            ids = [gh.queue_job(labels, duration=duration) for _ in range(int(request["n"]))]
+            # Job names repeat, as a workflow's do: the metrics keep a series per job name
+            # (as actions-runner-controller's), which the fake's default (job-<id>) would make
+            # one per job.
+            ids = [
+                gh.queue_job(labels, duration=duration, display_name=JOB_NAMES[i % len(JOB_NAMES)])
+                for i in range(int(request["n"]))
+            ]
             return {"t": began, "ids": ids}
         if cmd == "state":
             return self._state()

@@ -48,12 +48,14 @@ def _latency_split(docker: dict[str, Any], path: Path) -> Path:
     for index, (label, width) in enumerate(zip(SPLIT_LABELS, segments, strict=True)):
         ax.barh(1, width, left=left, color=COLORS[index], label=f"{label}: {width:.0f} ms")
         left += width
-    ax.barh(0, raw_created, color=COLORS[4], hatch="//", edgecolor="white")
+    # The raw bar's two parts in the colours of outrunner's last two: create, then start.
+    created, started = len(segments) - 2, len(segments) - 1
+    ax.barh(0, raw_created, color=COLORS[created], hatch="//", edgecolor="white")
     ax.barh(
         0,
         raw_started - raw_created,
         left=raw_created,
-        color=COLORS[5],
+        color=COLORS[started],
         hatch="//",
         edgecolor="white",
     )

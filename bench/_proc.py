@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import queue
@@ -86,10 +87,25 @@ class LagTicker:
     """The ticker's own CPU time per second, where it was measured (else 0)."""
     _task: asyncio.Task[None] | None = None
 
+    gc_pauses: list[tuple[int, float]] = field(default_factory=list)
+    """(generation, seconds) of each garbage collection since the last :meth:`take`."""
+    _gc_began: float = 0.0
+
     def start(self) -> None:
         self._task = asyncio.create_task(self._tick(), name="bench-lag-ticker")
+        # The cyclic collector stops the process (the GIL is held throughout): a stall with no
+        # frame of outrunner's to blame.
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_began = time.perf_counter()
+        else:
+            self.gc_pauses.append((info["generation"], time.perf_counter() - self._gc_began))
 
     async def stop(self) -> None:
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -98,7 +114,13 @@ class LagTicker:
     def take(self) -> dict[str, float]:
         """Max, p99 and count of samples (ms) since the last call; starts a new window."""
         samples, self.samples = self.samples, []
+        pauses, self.gc_pauses = self.gc_pauses, []
+        oldest = [seconds for generation, seconds in pauses if generation == 2]
         return {
+            "gc_max_ms": max((seconds for _, seconds in pauses), default=0.0) * 1000,
+            "gc_full_collections": float(len(oldest)),
+            "gc_full_max_ms": max(oldest, default=0.0) * 1000,
+            "gc_total_ms": sum(seconds for _, seconds in pauses) * 1000,
             "lag_max_ms": max(samples, default=0.0) * 1000,
             "lag_p99_ms": percentile(samples, 0.99) * 1000,
             "lag_over_100ms": float(sum(s > 0.1 for s in samples)),
@@ -189,12 +211,14 @@ class Child:
         log_path: str,
         *,
         env: Mapping[str, str] | None = None,
+        prefix: Sequence[str] = (),
     ) -> None:
+        """``prefix``: a command the child's Python runs under (``nice``, ``taskset``)."""
         self.name = name
         self.log_path = log_path
         self._log = open(log_path, "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
         self.process = subprocess.Popen(
-            [sys.executable, *argv],
+            [*prefix, sys.executable, *argv],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._log,

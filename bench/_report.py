@@ -12,13 +12,12 @@ __all__ = ["MB_IN_MIB", "evaluate", "render", "split_medians"]
 MB_IN_MIB = 1e6 / 2**20
 """Goals are in MB (10^6 bytes); memory is measured in MiB."""
 
-SPLIT_POINTS = ("delivered", "acknowledged", "jit", "image", "created", "started")
+SPLIT_POINTS = ("delivered", "acknowledged", "jit", "created", "started")
 SPLIT_LABELS = (
     "queued -> message delivered (fake)",
     "message -> acknowledged (DELETE answered)",
     "acknowledged -> JIT config received",
-    "JIT -> image checked (inspect_image)",
-    "image checked -> container created (event)",
+    "JIT -> container created (event)",
     "created -> started (event)",
 )
 
@@ -232,6 +231,17 @@ def render(results: dict[str, Any]) -> str:
                 f"{level.get('surplus_idle_runners') or '-':>7} {level['cpu_s']:>6.1f} "
                 f"{level.get('fake_and_agents_cpu_s', 0):>6.1f}"
             )
+        collected = [level for level in memory if "gc_full_max_ms" in level]
+        if collected:
+            lines.append(
+                "  garbage collector (stops the loop): "
+                + "; ".join(
+                    f"{level['concurrency']}: {level['gc_full_collections']:.0f} full "
+                    f"collections, longest {level['gc_full_max_ms']:.0f} ms, all collections "
+                    f"{level['gc_total_ms'] / max(level['completed'], 1):.2f} ms/job"
+                    for level in collected
+                )
+            )
         top = _top(memory, "concurrency", 1000) or {}
         if top.get("stalls"):
             lines.append(
@@ -346,7 +356,7 @@ def _render_docker(docker: dict[str, Any]) -> list[str]:
             "Bursts, Docker (queued at once -> last container start; raw: as many concurrent "
             "create+starts)",
             f"  {'jobs':>5} {'raw median':>10} {'raw last':>9} {'ours median':>11} "
-            f"{'ours last':>9} {'ratio':>6} {'last JIT':>8} {'last image':>10} "
+            f"{'ours last':>9} {'ratio':>6} {'last JIT':>8} {'last create':>11} "
             f"{'last start returned':>19}",
         ]
         for b in bursts:
@@ -354,7 +364,7 @@ def _render_docker(docker: dict[str, Any]) -> list[str]:
                 f"{max(b.get(key) or [0.0]):>{width}.2f}s"
                 for key, width in (
                     ("jit_received", 7),
-                    ("image_checked", 9),
+                    ("create_returned", 10),
                     ("start_returned", 18),
                 )
             ]

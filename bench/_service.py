@@ -1,7 +1,7 @@
 """outrunner under test: the ``outrunner`` command's service path in a process of its own.
 
     python -m bench._service --config farm.yml --token T --state-dir D --log-file F \\
-        [--log-level debug] [--agents SOCKET] [--max-runners N] [--probe-docker]
+        [--log-level debug] [--agents SOCKET] [--max-runners N]
 
 It does what :func:`outrunner.cli.main` does for ``outrunner --config farm.yml``: load the config
 file, configure logging (text, to ``--log-file`` instead of stderr), build a
@@ -12,10 +12,8 @@ drains). Backends are the config's (:func:`~outrunner.service.default_provisione
 
 Alongside it measures itself: CPU time (getrusage), resident memory and its peak (/proc), and the
 event loop's lag (a 10 ms ticker). A log handler keeps the time of the records that mark a job's
-way (``Desired runner count``, ``Spawning runner``, ``Container started``, ...) and every warning;
-``--probe-docker`` also notes when the Docker SDK's ``inspect_image`` returns, the one step of a
-container start without a log line. Requests arrive as JSON lines on stdin (see
-:func:`_Bench.handle`); answers go to stdout.
+way (``Desired runner count``, ``Spawning runner``, ``Container created``, ...) and every
+warning. Requests arrive as JSON lines on stdin (see :func:`_Bench.handle`); answers go to stdout.
 """
 
 from __future__ import annotations
@@ -29,7 +27,6 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from functools import wraps
 from typing import Any
 
 from bench._agents import AgentPool, AgentPoolProvisioner
@@ -45,6 +42,7 @@ MARKS = frozenset(
         "Getting next message",
         "Desired runner count",
         "Spawning runner",
+        "Container created",
         "Container started",
         "Runner provisioned",
         "Runner provisioned (job already assigned)",
@@ -96,21 +94,6 @@ def _find(attrs: Any, key: str) -> Any:
         if found is not None:
             return found
     return None
-
-
-def _probe_docker(capture: _Capture) -> None:
-    """Note when ``inspect_image`` returns (the provisioner's image check)."""
-    import docker
-
-    original: Callable[..., Any] = docker.APIClient.inspect_image
-
-    @wraps(original)
-    def inspect_image(self: docker.APIClient, image: str) -> Any:
-        result = original(self, image)
-        capture.note("Image checked", name="")
-        return result
-
-    docker.APIClient.inspect_image = inspect_image  # type: ignore[method-assign,assignment]
 
 
 class _Bench:
@@ -251,7 +234,6 @@ def main() -> None:
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--max-runners", type=int, default=2)
     parser.add_argument("--agents", default="")
-    parser.add_argument("--probe-docker", action="store_true")
     parser.add_argument("--tick", type=float, default=0.01, help="lag ticker interval, s")
     parser.add_argument("--stall-stacks", action="store_true", help="note stacks of stalls")
     parser.add_argument("--docker-workers", type=int, default=0, help="what-if: pool size")
@@ -261,8 +243,6 @@ def main() -> None:
         configure_logging(args.log_level, "text", log)
         capture = _Capture(args.marks)
         logging.getLogger("outrunner").addHandler(capture)
-        if args.probe_docker:
-            _probe_docker(capture)
         if args.docker_workers:
             # A what-if for diagnosis: the Docker backend's thread pool size.
             import outrunner.provisioners.docker as docker_backend

@@ -42,7 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -55,6 +55,29 @@ RESULTS = ROOT / "bench" / "results"
 DOCS_IMG = ROOT / "docs" / "img"
 TOKEN = "bench-token-0123456789"
 GITHUB_LONG_POLL = 50.0
+STAND_IN_NICE = 10
+
+
+def placement(role: str, apart: bool) -> list[str]:
+    """The command a child runs under: the fake GitHub and the agent pool (``stand-in``) at a
+    lower priority, and with ``apart`` on a machine of 2 or more cores, outrunner alone on CPU 0
+    and the stand-ins on the others.
+
+    The stand-ins play GitHub and runners on other machines, yet share this machine's cores with
+    outrunner: at 1,000 jobs they use more CPU than outrunner, and unpinned (even at nice 10, as
+    the fake's threads are many) outrunner's event-loop thread waited 20-22 s of a 150 s run for
+    a core (``/proc/PID/task/TID/schedstat``), which the lag ticker counted as stalls of up to
+    0.5 s. Pinned, outrunner has one core, as its event loop uses one; its CPU time is measured
+    the same either way. The Docker scenarios stay unpinned: the engine's work and the raw
+    baseline's threads run on every core.
+    """
+    prefix = ["nice", "-n", str(STAND_IN_NICE)] if role == "stand-in" else []
+    cores = os.cpu_count() or 1
+    if apart and cores >= 2:
+        prefix = ["taskset", "-c", "0" if role == "outrunner" else f"1-{cores - 1}", *prefix]
+    return prefix
+
+
 """Seconds GitHub holds an empty message poll; the fake does the same in the job scenarios."""
 
 
@@ -133,12 +156,12 @@ class Bench:
         return f"{stem}{self.serial:02d}"
 
     def child(
-        self, name: str, argv: list[str], timeout: float = 60.0
+        self, name: str, argv: list[str], timeout: float = 60.0, prefix: Sequence[str] = ()
     ) -> tuple[Child, dict[str, Any]]:
         """Start a child and wait for its first line (it is listening/ready to serve)."""
         log = self.work / f"{self.next_name(name)}.log"
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        process = Child(name, argv, str(log), env=env)
+        process = Child(name, argv, str(log), env=env, prefix=prefix)
         self.children.append(process)
         try:
             first = process.receive(timeout)
@@ -153,8 +176,9 @@ class Bench:
             self.children.remove(child)
 
     @contextlib.contextmanager
-    def fake(self, long_poll: float) -> Iterator[tuple[Child, str]]:
-        child, first = self.child("fake", ["-m", "bench._fake", "--long-poll", f"{long_poll:g}"])
+    def fake(self, long_poll: float, *, apart: bool = False) -> Iterator[tuple[Child, str]]:
+        argv = ["-m", "bench._fake", "--long-poll", f"{long_poll:g}"]
+        child, first = self.child("fake", argv, prefix=placement("stand-in", apart))
         try:
             yield child, str(first["config_url"])
         finally:
@@ -163,9 +187,10 @@ class Bench:
             self.close(child)
 
     @contextlib.contextmanager
-    def agents(self) -> Iterator[tuple[Child, str]]:
+    def agents(self, *, apart: bool = False) -> Iterator[tuple[Child, str]]:
         path = str(self.work / f"{self.next_name('agents')}.sock")
-        child, _ = self.child("agents", ["-m", "bench._agents", "--socket", path])
+        argv = ["-m", "bench._agents", "--socket", path]
+        child, _ = self.child("agents", argv, prefix=placement("stand-in", apart))
         try:
             yield child, path
         finally:
@@ -179,10 +204,10 @@ class Bench:
         agents: str = "",
         log_level: str = "info",
         marks: bool = False,
-        probe_docker: bool = False,
         stop_timeout: float = 120.0,
         tick: float = 0.01,
         stall_stacks: bool = False,
+        apart: bool = False,
     ) -> Iterator[Outrunner]:
         name = self.next_name("outrunner")
         config_path = self.work / f"{name}.yml"
@@ -209,13 +234,11 @@ class Bench:
             argv += ["--agents", agents]
         if marks:
             argv.append("--marks")
-        if probe_docker:
-            argv.append("--probe-docker")
         if stall_stacks:
             argv.append("--stall-stacks")
         if self.settings.docker_workers:
             argv += ["--docker-workers", str(self.settings.docker_workers)]
-        child, _ = self.child("outrunner", argv)
+        child, _ = self.child("outrunner", argv, prefix=placement("outrunner", apart))
         runner = Outrunner(child)
         try:
             yield runner
@@ -296,8 +319,7 @@ SPLIT = (
     ("queued -> message delivered", "fake answers the long poll"),
     ("message -> acknowledged", "outrunner has the DELETE answer"),
     ("acknowledged -> JIT received", "generatejitconfig round trip"),
-    ("JIT -> image checked", "provisioner: engine client, inspect_image"),
-    ("image checked -> created", "create_container (engine event)"),
+    ("JIT -> created", "provisioner: engine client, create_container (engine event)"),
     ("created -> started", "start (engine event)"),
 )
 
@@ -325,12 +347,10 @@ def _split(
 
     acked = record("Desired runner count", after)
     jit = record("Spawning runner", acked or after)
-    image = record("Image checked", jit or after)
     points = {
         "delivered": delivered,
         "acknowledged": acked,
         "jit": jit,
-        "image": image,
         "created": created,
         "started": started,
         "start_returned": record("Container started", jit or after),
@@ -342,7 +362,7 @@ def _split(
 
 
 def _segments(points: dict[str, float | None]) -> list[float | None]:
-    order = ["delivered", "acknowledged", "jit", "image", "created", "started"]
+    order = ["delivered", "acknowledged", "jit", "created", "started"]
     values: list[float | None] = []
     previous: float | None = 0.0
     for key in order:
@@ -404,7 +424,7 @@ def run_docker(bench: Bench) -> dict[str, Any]:
 
     with bench.fake(GITHUB_LONG_POLL) as (fake, config_url):
         config = docker_config(config_url, prefix, image, max_runners=max([*settings.bursts, 2]))
-        with bench.outrunner(config, log_level="debug", marks=True, probe_docker=True) as out:
+        with bench.outrunner(config, log_level="debug", marks=True) as out:
             out.request("ready")
             out.request("records")
             # Warm-up, not measured: the engine's first create of a run is slower.
@@ -477,7 +497,7 @@ def run_docker(bench: Bench) -> dict[str, Any]:
                             # When outrunner had each runner's JIT config, and when each start
                             # call returned: where a slow tail comes from.
                             "jit_received": at("Spawning runner")[:size],
-                            "image_checked": at("Image checked")[:size],
+                            "create_returned": at("Container created")[:size],
                             "start_returned": at("Container started")[:size],
                             "raw_makespan": max(raw_starts),
                             "outrunner_makespan": max(ours_started),
@@ -524,11 +544,13 @@ def run_memory(bench: Bench) -> list[dict[str, Any]]:
         jobs = concurrency * settings.jobs_per_slot
         name = f"mem{secrets.token_hex(3)}"
         with (
-            bench.fake(GITHUB_LONG_POLL) as (fake, config_url),
-            bench.agents() as (agents, socket),
+            bench.fake(GITHUB_LONG_POLL, apart=True) as (fake, config_url),
+            bench.agents(apart=True) as (agents, socket),
         ):
             config = memory_config(config_url, [name], max_runners=concurrency)
-            with bench.outrunner(config, agents=socket, stop_timeout=90, stall_stacks=True) as out:
+            with bench.outrunner(
+                config, agents=socket, stop_timeout=90, stall_stacks=True, apart=True
+            ) as out:
                 out.request("ready")
                 fake.request("sample")
                 before = out.request("mark", reset_peak=True)
@@ -585,6 +607,9 @@ def run_memory(bench: Bench) -> list[dict[str, Any]]:
                         "lag_max_ms": after["lag_max_ms"],
                         "lag_p99_ms": after["lag_p99_ms"],
                         "lag_over_100ms": after["lag_over_100ms"],
+                        "gc_full_collections": after["gc_full_collections"],
+                        "gc_full_max_ms": after["gc_full_max_ms"],
+                        "gc_total_ms": after["gc_total_ms"],
                         "peak_running": state["peak_running"],
                         "deregistered": bool(deregistered) and timed_out == 0,
                         "runners_left": state["runners"],
@@ -611,12 +636,12 @@ def run_idle(bench: Bench) -> list[dict[str, Any]]:
         stem = f"idle{secrets.token_hex(2)}"
         names = [f"{stem}-{i:03d}" for i in range(count)]
         with (
-            bench.fake(settings.idle_poll) as (fake, config_url),
-            bench.agents() as (_, socket),
+            bench.fake(settings.idle_poll, apart=True) as (fake, config_url),
+            bench.agents(apart=True) as (_, socket),
         ):
             config = memory_config(config_url, names, max_runners=2)
             # A 1 s lag ticker: a 10 ms one would cost more than the idle scale sets.
-            with bench.outrunner(config, agents=socket, tick=1.0) as out:
+            with bench.outrunner(config, agents=socket, tick=1.0, apart=True) as out:
                 out.request("ready", timeout=120)
 
                 def all_polled(fake: Child = fake, count: int = count) -> bool:
