@@ -175,3 +175,49 @@ async def test_service_builds_one_client_per_url_token_and_ca_file(
         async with asyncio.timeout(30):
             await run
     assert made == [(gh.config_url(), "ghp_tls", None), (gh.config_url(), "ghp_tls", ca_file)]
+
+
+async def test_https_through_a_connect_proxy_verifies_the_server_inside_the_tunnel(
+    https: ScriptedServer, sleeps: RecordingSleep, certs: tuple[Certificate, Certificate]
+) -> None:
+    """The client's connections (asyncio's transports, outrunner/scaleset/_network.py) run TLS
+    inside an HTTP CONNECT tunnel, as behind a corporate proxy."""
+    tunnels: list[bytes] = []
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        tunnels.append(head.split(b"\r\n", 1)[0])
+        host, _, port = head.split()[1].decode().rpartition(":")
+        upstream_reader, upstream_writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        await writer.drain()
+        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
+
+    server = await asyncio.start_server(proxy, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    https.on("GET", RUNNER, Reply(200, {"id": 7, "name": "r"}))
+    try:
+        async with client(
+            https, sleeps, verify=str(certs[0].cert), proxy=f"http://127.0.0.1:{port}"
+        ) as c:
+            assert (await c.get_runner(7)).name == "r"
+        async with client(
+            https, sleeps, verify=str(certs[1].cert), proxy=f"http://127.0.0.1:{port}"
+        ) as c:
+            with pytest.raises(TLSVerificationError):
+                await c.get_runner(7)
+    finally:
+        server.close()
+    host_port = https.url.removeprefix("https://").encode()
+    assert tunnels[0] == b"CONNECT " + host_port + b" HTTP/1.1"
+    assert sleeps.waits == []
