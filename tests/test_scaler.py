@@ -717,17 +717,23 @@ def hold_stops(prov: InMemoryProvisioner) -> asyncio.Event:
     return release
 
 
+async def two_running(s: Scaler) -> tuple[str, str]:
+    """Two runners, each with a job; their names."""
+    await s.handle_desired_runner_count(2)
+    await eventually(lambda: phases(s) == [RunnerPhase.IDLE] * 2)
+    first, second = (r.name for r in s.runners())
+    for name in (first, second):
+        await s.handle_job_started(JobStarted(runner_name=name))
+    return first, second
+
+
 async def test_stopping_runners_do_not_hold_up_demand() -> None:
     """A runner that is stopping takes no job: a new job gets a new runner at once where
     max_runners leaves room, and as soon as the stop finishes where it does not."""
     client, prov = FakeClient(), InMemoryProvisioner()
     release = hold_stops(prov)
     s = make_scaler(client, prov, max_runners=2)
-    await s.handle_desired_runner_count(2)
-    await eventually(lambda: phases(s) == [RunnerPhase.IDLE] * 2)
-    first, second = (r.name for r in s.runners())
-    for name in (first, second):
-        await s.handle_job_started(JobStarted(runner_name=name))
+    first, _ = await two_running(s)
     await s.handle_job_completed(JobCompleted(runner_name=first, result="succeeded"))
     await eventually(lambda: RunnerPhase.STOPPING in phases(s))
     # A new job is assigned (2 assigned: the running one and the new one). The stopping
@@ -765,11 +771,7 @@ async def test_a_runner_gone_before_its_job_completed_message_still_counts() -> 
     the demand signal must not start a runner for it (it would only idle)."""
     client, prov = FakeClient(), InMemoryProvisioner()
     s = make_scaler(client, prov, max_runners=2)
-    await s.handle_desired_runner_count(2)
-    await eventually(lambda: phases(s) == [RunnerPhase.IDLE] * 2)
-    first, second = (r.name for r in s.runners())
-    for name in (first, second):
-        await s.handle_job_started(JobStarted(runner_name=name))
+    first, second = await two_running(s)
     prov.environments[first].end()  # the job is done, its message not yet here
     await eventually(lambda: [r.name for r in s.runners()] == [second])
     # Statistics from before the JobCompleted: still 2 assigned jobs, both with runners.

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from typing import Any, cast
 
 import httpcore
@@ -94,10 +94,7 @@ class _Stream(httpcore.AsyncNetworkStream):
         if not protocol.buffer and not protocol.eof:
             protocol.reader = asyncio.get_running_loop().create_future()
             try:
-                async with asyncio.timeout(timeout):
-                    await protocol.reader
-            except TimeoutError as exc:
-                raise httpcore.ReadTimeout(f"no data within {timeout} s") from exc
+                await _within(timeout, protocol.reader, httpcore.ReadTimeout, "no data")
             finally:
                 protocol.reader = None
         buffer = protocol.buffer
@@ -127,10 +124,7 @@ class _Stream(httpcore.AsyncNetworkStream):
             return
         protocol.writer = asyncio.get_running_loop().create_future()
         try:
-            async with asyncio.timeout(timeout):
-                await protocol.writer
-        except TimeoutError as exc:
-            raise httpcore.WriteTimeout(f"could not send within {timeout} s") from exc
+            await _within(timeout, protocol.writer, httpcore.WriteTimeout, "could not send")
         finally:
             protocol.writer = None
         if protocol.write_paused:  # woken by connection_lost
@@ -197,21 +191,11 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
         local_address: str | None = None,
         socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
     ) -> httpcore.AsyncNetworkStream:
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(timeout):
-                transport, protocol = await loop.create_connection(
-                    _Protocol,
-                    host,
-                    port,
-                    local_addr=(local_address, 0) if local_address else None,
-                )
-        except TimeoutError as exc:
-            raise httpcore.ConnectTimeout(f"not connected within {timeout} s") from exc
-        except OSError as exc:
-            raise httpcore.ConnectError(str(exc)) from exc
-        _set_options(transport, socket_options)
-        return _Stream(transport, protocol)
+        local = (local_address, 0) if local_address else None
+        opening = asyncio.get_running_loop().create_connection(
+            _Protocol, host, port, local_addr=local
+        )
+        return await _connect(opening, timeout, socket_options)
 
     async def connect_unix_socket(
         self,
@@ -219,19 +203,40 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
         timeout: float | None = None,
         socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
     ) -> httpcore.AsyncNetworkStream:
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(timeout):
-                transport, protocol = await loop.create_unix_connection(_Protocol, path)
-        except TimeoutError as exc:
-            raise httpcore.ConnectTimeout(f"not connected within {timeout} s") from exc
-        except OSError as exc:
-            raise httpcore.ConnectError(str(exc)) from exc
-        _set_options(transport, socket_options)
-        return _Stream(transport, protocol)
+        opening = asyncio.get_running_loop().create_unix_connection(_Protocol, path)
+        return await _connect(opening, timeout, socket_options)
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
+
+
+async def _within(
+    timeout: float | None,
+    waiter: asyncio.Future[None],
+    error: type[httpcore.TimeoutException],
+    what: str,
+) -> None:
+    try:
+        async with asyncio.timeout(timeout):
+            await waiter
+    except TimeoutError as exc:
+        raise error(f"{what} within {timeout} s") from exc
+
+
+async def _connect(
+    opening: Coroutine[Any, Any, tuple[asyncio.Transport, _Protocol]],
+    timeout: float | None,
+    options: Iterable[httpcore.SOCKET_OPTION] | None,
+) -> _Stream:
+    try:
+        async with asyncio.timeout(timeout):
+            transport, protocol = await opening
+    except TimeoutError as exc:
+        raise httpcore.ConnectTimeout(f"not connected within {timeout} s") from exc
+    except OSError as exc:
+        raise httpcore.ConnectError(str(exc)) from exc
+    _set_options(transport, options)
+    return _Stream(transport, protocol)
 
 
 def _set_options(
