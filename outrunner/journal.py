@@ -74,9 +74,9 @@ FORMAT_VERSION: Final = 1
 # the common case, and the file stays small whatever the churn.
 _COMPACT_MIN_RECORDS: Final = 64
 _COMPACT_FACTOR: Final = 4
-# A file of garbage must not produce millions of problems and log lines.
 # The least time, in seconds, between the starts of two background fdatasyncs (Journal._flush).
 _SYNC_INTERVAL: Final = 0.01
+# A file of garbage must not produce millions of problems and log lines.
 _MAX_PROBLEMS: Final = 100
 _EXCERPT_BYTES: Final = 60
 
