@@ -71,36 +71,72 @@ def _latency_split(docker: dict[str, Any], path: Path) -> Path:
 
 
 def _memory_scaling(levels: list[dict[str, Any]], path: Path) -> Path:
-    x = [level["concurrency"] for level in levels]
-    fig, (cpu, rss, lag) = plt.subplots(1, 3, figsize=(11, 3.4), layout="constrained")
-    _curve(cpu, x, [level["cpu_ms_per_lifecycle"] for level in levels], 5.0, "goal 5 ms")
-    cpu.set_ylabel("CPU ms per job lifecycle")
-    _curve(rss, x, [level["peak_rss_mib"] for level in levels], 150 * MB_IN_MIB, "goal 150 MB")
-    rss.set_ylabel("peak RSS, MiB")
-    _curve(lag, x, [level["lag_max_ms"] for level in levels], 100.0, "goal 100 ms")
-    lag.set_ylabel("longest event-loop stall, ms")
-    for ax in (cpu, rss, lag):
-        ax.set_xscale("log")
-        ax.set_xlabel("jobs at once (max_runners)")
-    fig.suptitle("Many jobs, in-memory environments: outrunner's process")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _scaling(
+        path,
+        [level["concurrency"] for level in levels],
+        [
+            (
+                [lv["cpu_ms_per_lifecycle"] for lv in levels],
+                5.0,
+                "goal 5 ms",
+                "CPU ms per job lifecycle",
+            ),
+            (
+                [lv["peak_rss_mib"] for lv in levels],
+                150 * MB_IN_MIB,
+                "goal 150 MB",
+                "peak RSS, MiB",
+            ),
+            (
+                [lv["lag_max_ms"] for lv in levels],
+                100.0,
+                "goal 100 ms",
+                "longest event-loop stall, ms",
+            ),
+        ],
+        xlabel="jobs at once (max_runners)",
+        title="Many jobs, in-memory environments: outrunner's process",
+        log_x=True,
+    )
 
 
 def _idle_scaling(levels: list[dict[str, Any]], path: Path) -> Path:
-    x = [level["scale_sets"] for level in levels]
-    fig, (cpu, rss, conns) = plt.subplots(1, 3, figsize=(11, 3.4), layout="constrained")
-    _curve(cpu, x, [level["cpu_pct"] for level in levels], 1.5, "goal 1.5%")
-    cpu.set_ylabel("CPU, % of one core")
-    _curve(rss, x, [level["rss_mib"] for level in levels], 100 * MB_IN_MIB, "goal 100 MB")
-    rss.set_ylabel("RSS, MiB")
-    _curve(conns, x, [level["connections_per_poll"] for level in levels], 0.0, "goal 0")
-    conns.set_ylabel("new TCP connections per poll")
-    for ax in (cpu, rss, conns):
-        ax.set_xlabel("idle scale sets")
     poll = levels[0]["long_poll_s"]
-    fig.suptitle(f"Idle scale sets (each poll held {poll:g} s): outrunner's process")
+    return _scaling(
+        path,
+        [level["scale_sets"] for level in levels],
+        [
+            ([lv["cpu_pct"] for lv in levels], 1.5, "goal 1.5%", "CPU, % of one core"),
+            ([lv["rss_mib"] for lv in levels], 100 * MB_IN_MIB, "goal 100 MB", "RSS, MiB"),
+            (
+                [lv["connections_per_poll"] for lv in levels],
+                0.0,
+                "goal 0",
+                "new TCP connections per poll",
+            ),
+        ],
+        xlabel="idle scale sets",
+        title=f"Idle scale sets (each poll held {poll:g} s): outrunner's process",
+        log_x=False,
+    )
+
+
+Panel = tuple[list[float], float, str, str]
+"""One curve: its values, its goal, the goal's label and the y axis label."""
+
+
+def _scaling(
+    path: Path, x: list[int], panels: list[Panel], *, xlabel: str, title: str, log_x: bool
+) -> Path:
+    """Curves side by side against the same x, each with its goal line."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(11, 3.4), layout="constrained")
+    for ax, (y, goal, label, ylabel) in zip(axes, panels, strict=True):
+        _curve(ax, x, y, goal, label)
+        ax.set_ylabel(ylabel)
+        ax.set_xlabel(xlabel)
+        if log_x:
+            ax.set_xscale("log")
+    fig.suptitle(title)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -61,6 +61,16 @@ def _goal(
     return {"goal": name, "target": target, "measured": measured, "status": status, "note": note}
 
 
+def _memory_goal(name: str, mib: float, limit_mb: int) -> dict[str, Any]:
+    """A memory goal: set in MB (10^6 bytes), measured in MiB."""
+    return _goal(
+        name,
+        f"<= {limit_mb} MB",
+        f"{mib / MB_IN_MIB:.0f} MB ({mib:.0f} MiB)",
+        mib <= limit_mb * MB_IN_MIB,
+    )
+
+
 def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Every goal of issue 13 item 2 against its measured figure."""
     goals: list[dict[str, Any]] = []
@@ -127,12 +137,7 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
                 f"{top['lag_max_ms']:.0f} ms (p99 {top['lag_p99_ms']:.1f} ms)",
                 top["lag_max_ms"] <= 100.0,
             ),
-            _goal(
-                f"{label}: peak RSS",
-                "<= 150 MB",
-                f"{top['peak_rss_mib'] / MB_IN_MIB:.0f} MB ({top['peak_rss_mib']:.0f} MiB)",
-                top["peak_rss_mib"] <= 150 * MB_IN_MIB,
-            ),
+            _memory_goal(f"{label}: peak RSS", top["peak_rss_mib"], 150),
             _goal(
                 f"{label}: every runner deregistered in time",
                 "yes",
@@ -163,12 +168,7 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
                 f"{idle['cpu_pct']:.2f}% (polls every {idle['long_poll_s']:g} s)",
                 idle["cpu_pct"] <= 1.5,
             ),
-            _goal(
-                f"{label}: RSS",
-                "<= 100 MB",
-                f"{idle['rss_mib'] / MB_IN_MIB:.0f} MB ({idle['rss_mib']:.0f} MiB)",
-                idle["rss_mib"] <= 100 * MB_IN_MIB,
-            ),
+            _memory_goal(f"{label}: RSS", idle["rss_mib"], 100),
             _goal(
                 f"{label}: new connections per poll after the first",
                 "0",
