@@ -608,10 +608,10 @@ class Scaler:
         watch = asyncio.create_task(self._watch(state))
         try:
             while True:
-                ends = [state.done_signal.waiter(), self._forced.waiter()]
+                ends = [state.done_signal, self._forced]
                 if state.phase is not RunnerPhase.RUNNING and not state.release_tried:
                     # indexes 3 and 4: drained, or reaped for its age: release it, then go on
-                    ends += [self._draining.waiter(), state.release_signal.waiter()]
+                    ends += [self._draining, state.release_signal]
                 if await first_of(watch, *ends) < 3:
                     return False
                 if state.phase is RunnerPhase.RUNNING:
@@ -696,9 +696,7 @@ class Scaler:
                 if state.phase is not RunnerPhase.RUNNING:
                     self._set_phase(state, RunnerPhase.RUNNING)
                 return False
-            waited = await first_of(
-                asyncio.sleep(next(delays)), state.done_signal.waiter(), self._forced.waiter()
-            )
+            waited = await first_of(asyncio.sleep(next(delays)), state.done_signal, self._forced)
             if waited != 0:
                 return False
 
@@ -717,7 +715,7 @@ class Scaler:
                 if state.release_tried:
                     await asyncio.shield(start)
                     break
-                if await first_of(start, self._draining.waiter()) == 0:
+                if await first_of(start, self._draining) == 0:
                     break
                 state.release_tried = True
                 if state.phase is RunnerPhase.RUNNING:
@@ -939,7 +937,7 @@ class Scaler:
             if self._forced.is_set():  # shutting down: a last few prompt attempts
                 await asyncio.sleep(min(delay, 1.0))
             else:  # a shutdown cuts the wait short
-                await first_of(asyncio.sleep(delay), self._forced.waiter())
+                await first_of(asyncio.sleep(delay), self._forced)
 
     async def _remove_once(self, name: str, runner_id: int, *, quiet: bool) -> _Removal:
         async with self._removal_slots:  # the timeout below is the request's, not the wait's

@@ -127,3 +127,22 @@ async def test_cancelling_first_of_removes_its_callbacks_and_cancels_its_tasks()
     future = shared.waiter()
     assert not future.cancelled()
     assert asyncio.all_tasks() == before  # the sleep's task is gone too
+
+
+@pytest.mark.anyio
+async def test_first_of_takes_signals_and_leaves_none_of_its_wake_ups_on_them() -> None:
+    shared, mine = Signal(), Signal()
+    # Many waiters on one signal, as every runner of a Scaler on its drain signal.
+    waiting = [asyncio.create_task(first_of(mine, shared, timeout=10.0)) for _ in range(100)]
+    await asyncio.sleep(0.01)
+    assert len(shared._wakes) == 100
+    for task in waiting[:50]:
+        await cancel_and_wait(task)
+    assert len(shared._wakes) == 50  # each cancelled wait took its own wake-up out
+    mine.set()
+    assert [await task for task in waiting[50:]] == [0] * 50
+    assert (shared._wakes, mine._wakes) == (set(), set())
+    assert await first_of(shared, mine) == 1  # already set: no wait
+    shared.set()
+    assert await first_of(asyncio.sleep(10), shared) == 1
+    assert await first_of(Signal(), timeout=0.01) == -1

@@ -121,7 +121,7 @@ class InMemoryProvisioner(ClosingContext):
         env = self.environments.get(name)
         if env is None:
             return
-        await first_of(env.removed.waiter(), env.ended.waiter())
+        await first_of(env.removed, env.ended)
 
     async def adopt(self, name: str, runner: RunnerConfig) -> bool:
         env = self.environments.get(name)
