@@ -813,6 +813,30 @@ def test_close_after_the_loop_ended_syncs_what_is_pending(
         assert journal.entries() == THREE
 
 
+@pytest.mark.anyio
+async def test_records_nobody_waits_for_are_synced_together_within_the_lazy_interval(
+    tmp_path: Path, syncs: Syncs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(journal_module, "_LAZY_SYNC_INTERVAL", 0.3)
+    with Journal.open(tmp_path) as journal:
+        journal.record(THREE[0])
+        await asyncio.sleep(0.1)
+        journal.record(THREE[1])  # phase changes, say: no caller waits for their sync
+        await asyncio.sleep(0.1)
+        assert syncs.threads == []  # gathered, not synced one by one
+        deadline = time.monotonic() + 5.0
+        while not syncs.sizes and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert syncs.sizes == [journal.path.stat().st_size]  # one sync covered both
+        assert returns_at_once(journal)
+        monkeypatch.setattr(journal_module, "_LAZY_SYNC_INTERVAL", 60.0)
+        journal.record(THREE[2])
+        began = time.monotonic()
+        await journal.sync()  # a waiter does not wait out the lazy interval
+        assert time.monotonic() - began < 30.0
+        assert len(syncs.sizes) == 2
+
+
 def test_without_a_running_loop_records_sync_inline(tmp_path: Path, syncs: Syncs) -> None:
     with Journal.open(tmp_path) as journal:
         journal.record(THREE[0])
@@ -830,6 +854,7 @@ async def test_a_compaction_while_a_sync_runs_keeps_the_file_right(
     syncs.release = threading.Event()
     with Journal.open(tmp_path) as journal:
         journal.record(entry(names[0], runner_id=1))
+        first = asyncio.ensure_future(journal.sync())  # a waiter: the flusher's round starts now
         while not syncs.entered.is_set():  # the flusher's sync has begun, and is held
             await asyncio.sleep(0.001)
         # 64 more records compact the file: its descriptor is closed and replaced while the
@@ -841,6 +866,7 @@ async def test_a_compaction_while_a_sync_runs_keeps_the_file_right(
         journal.record(entry(names[0], runner_id=99))
         syncs.release.set()
         await journal.sync()
+        await first
         assert syncs.errors == []
         assert syncs.sizes[-1] == journal.path.stat().st_size
         expected = journal.entries()
