@@ -214,6 +214,9 @@ class Scaler:
         self._desired = 0
 
         self._runners: dict[str, RunnerState] = {}
+        # The runners of _runners that are stopping: each demand signal counts those whose job
+        # is done, and walking all of _runners for that was O(runners) per message.
+        self._stopping: dict[str, RunnerState] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._start_tasks: dict[str, asyncio.Task[None]] = {}
         self._deregistrations: dict[str, asyncio.Task[None]] = {}
@@ -337,7 +340,7 @@ class Scaler:
         target = min(self._max_runners, max(count, 0) + self._min_runners)
         finished = sum(
             state.phase is RunnerPhase.STOPPING and state.is_done
-            for state in self._runners.values()
+            for state in self._stopping.values()
         )
         current = len(self._runners) + self._reserved
         room = self._max_runners - current
@@ -578,6 +581,7 @@ class Scaler:
             deregistered = await self._wait_for_end(state)
             ran_job = state.phase is RunnerPhase.RUNNING
             self._set_phase(state, RunnerPhase.STOPPING)
+            self._stopping[state.name] = state
             self._log.info("Stopping runner", name=state.name)
             await self._stop(state.name)
             if deregistered:
@@ -588,6 +592,7 @@ class Scaler:
             if request is not None:
                 unregister_secret(request.jit_config)
             self._runners.pop(state.name, None)
+            self._stopping.pop(state.name, None)
             self._tasks.pop(state.name, None)
             if not self._runners:
                 self._empty.set()

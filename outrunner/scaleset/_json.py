@@ -15,7 +15,7 @@ import re
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta, timezone
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import httpx
 
@@ -150,6 +150,9 @@ def _kind(value: object) -> str:
     return _KIND_NAMES.get(type(value), type(value).__name__)
 
 
+_GO_ZERO_TIME: Final = datetime(1, 1, 1, tzinfo=UTC)
+
+
 def parse_time(text: str, where: str = "timestamp") -> datetime | None:
     """RFC 3339, fraction truncated to microseconds. Go's zero time becomes ``None``."""
     match = _RFC3339.fullmatch(text)
@@ -174,7 +177,7 @@ def parse_time(text: str, where: str = "timestamp") -> datetime | None:
         )
     except ValueError as exc:
         raise DecodeError(f"{where}: {text!r}: {exc}") from exc
-    return None if value == datetime(1, 1, 1, tzinfo=UTC) else value
+    return None if value == _GO_ZERO_TIME else value
 
 
 def _int_item(value: object, where: str) -> int:
