@@ -79,11 +79,16 @@ class DockerEvents:
         self._thread.join(5)
 
 
-def _create_start(api: docker.APIClient, image: str, name: str) -> None:
+def _create_start(
+    api: docker.APIClient, image: str, name: str, environment: list[str] | None = None
+) -> None:
+    """Create and start ``name``: the runner agent when ``environment`` holds its JIT config (as
+    outrunner's Docker backend passes it), else a container that only sleeps."""
     container = api.create_container(
         image,
-        command=["./idle.sh"],
+        command=["./run.sh" if environment else "./idle.sh"],
         name=name,
+        environment=environment,
         host_config=api.create_host_config(network_mode="host", auto_remove=True),
     )
     api.start(container["Id"])
@@ -96,19 +101,28 @@ def raw_start(api: docker.APIClient, image: str, name: str) -> float:
     return began
 
 
-def raw_burst(client: Callable[[], docker.APIClient], image: str, names: list[str]) -> float:
+def raw_burst(
+    client: Callable[[], docker.APIClient],
+    image: str,
+    names: list[str],
+    environments: list[list[str]] | None = None,
+) -> float:
     """Create and start ``len(names)`` containers at once, one thread and one engine client
-    each (``client()``, called beforehand); returns when the calls began."""
+    each (``client()``, called beforehand); returns when the calls began. ``environments``
+    (one per name): run the runner agent with these variables instead of sleeping."""
     clients = [client() for _ in names]
     barrier = threading.Barrier(len(names) + 1)
+    envs: list[list[str] | None] = list(environments) if environments else [None] * len(names)
 
-    def one(client: docker.APIClient, name: str) -> None:
+    def one(client: docker.APIClient, name: str, environment: list[str] | None) -> None:
         barrier.wait()
-        _create_start(client, image, name)
+        _create_start(client, image, name, environment)
 
     try:
         with ThreadPoolExecutor(max_workers=len(names)) as pool:
-            futures = [pool.submit(one, c, n) for c, n in zip(clients, names, strict=True)]
+            futures = [
+                pool.submit(one, c, n, e) for c, n, e in zip(clients, names, envs, strict=True)
+            ]
             began = time.time()
             barrier.wait()
             for future in futures:

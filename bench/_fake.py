@@ -99,6 +99,8 @@ class _Controls:
         self._sampler: threading.Thread | None = None
         self._sampling = threading.Event()
         self.peak_running = 0
+        # The scale set of the raw baseline's runners (see "jit"): left out of "state".
+        self.raw_scale_set: int | None = None
 
     def handle(self, request: dict[str, Any]) -> Mapping[str, Any]:
         cmd = request["cmd"]
@@ -115,6 +117,14 @@ class _Controls:
                 for i in range(int(request["n"]))
             ]
             return {"t": began, "ids": ids}
+        if cmd == "jit":
+            # JIT configs of runners in a scale set of their own that no listener serves, for
+            # the raw baseline's containers: they run the same agent as outrunner's, which
+            # registers and waits for a job that never comes.
+            if self.raw_scale_set is None:
+                self.raw_scale_set = gh.create_scale_set("bench-raw", ["bench-raw"])
+            names = [str(name) for name in request["names"]]
+            return {"jit": [gh.generate_jit_config(self.raw_scale_set, name) for name in names]}
         if cmd == "state":
             return self._state()
         if cmd == "timings":
@@ -153,7 +163,7 @@ class _Controls:
     def _state(self) -> dict[str, Any]:
         gh = self.gh
         jobs = Counter(str(job.state) for job in gh.jobs())
-        runners = gh.runners()
+        runners = [r for r in gh.runners() if r.scale_set_id != self.raw_scale_set]
         sessions = gh.sessions()
         return {
             "t": time.time(),

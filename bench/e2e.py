@@ -374,7 +374,7 @@ def _segments(points: dict[str, float | None]) -> list[float | None]:
 
 def run_docker(bench: Bench) -> dict[str, Any]:
     try:
-        from outrunner.provisioners.docker import default_client, resolve_engine
+        from outrunner.provisioners.docker import JIT_ENV, default_client, resolve_engine
         from outrunner.testing.runner_image import ensure_runner_image
     except ImportError as exc:
         return {"skipped": f"the docker extra is not installed: {exc}"}
@@ -471,7 +471,16 @@ def run_docker(bench: Bench) -> dict[str, Any]:
                 for rep in range(settings.burst_repeats):
                     names = [f"{raw_prefix}b{size}x{rep}n{i}" for i in range(size)]
                     named = set(names).__contains__
-                    began = raw_burst(lambda: default_client(engine_url), image, names)
+                    # The raw containers run the same runner agent as outrunner's (registered
+                    # in a scale set of their own; it waits for a job): the agents of the first
+                    # containers work while the last ones start, on the same cores, in both.
+                    jits = fake.request("jit", names=names)["jit"]
+                    began = raw_burst(
+                        lambda: default_client(engine_url),
+                        image,
+                        names,
+                        [[f"{JIT_ENV}={jit}"] for jit in jits],
+                    )
                     raw_starts = [
                         e.t - began for e in events.wait("start", named, size, began, 120)
                     ]
