@@ -180,7 +180,8 @@ async def test_happy_path() -> None:
     await s.handle_job_completed(JobCompleted(runner_name=name, result="succeeded"))
     await eventually(lambda: s.runners() == [])
     assert prov.stopped == [name]
-    assert client.removed == [1]
+    # The removal runs in a deregistration task of its own, which may end after the runner left.
+    await eventually(lambda: client.removed == [1])
     assert prov.environments == {}
     await s.shutdown()
 
@@ -192,7 +193,7 @@ async def test_provisioning_failure() -> None:
     s = make_scaler(client, prov)
     assert await s.handle_desired_runner_count(1) == 1
     await eventually(lambda: s.runners() == [])
-    assert client.removed == [1]
+    await eventually(lambda: client.removed == [1])
     assert prov.stopped == []
     await s.shutdown()
 
@@ -247,7 +248,7 @@ async def test_concurrent_runners() -> None:
         await s.handle_job_completed(JobCompleted(runner_name=runner.name, result="succeeded"))
     await eventually(lambda: s.runners() == [])
     assert len(prov.stopped) == 3
-    assert sorted(client.removed) == [1, 2, 3]
+    await eventually(lambda: sorted(client.removed) == [1, 2, 3])
     await s.shutdown()
 
 
@@ -323,7 +324,7 @@ async def test_job_completed_during_provisioning() -> None:
     gate.set()
     await eventually(lambda: s.runners() == [])
     assert prov.stopped == [name]
-    assert client.removed == [1]
+    await eventually(lambda: client.removed == [1])
     await s.shutdown()
 
 
