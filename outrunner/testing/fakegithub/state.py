@@ -121,6 +121,10 @@ class State:
         self._agents: dict[int, AgentRecord] = {}
         self._agents_by_credential: dict[str, AgentRecord] = {}
         self._jobs: dict[int, JobRecord] = {}
+        # The jobs of _jobs not completed yet, oldest first: what scheduling, statistics and an
+        # agent's connect look at. Completed jobs stay in _jobs only, so those calls cost the
+        # same after thousands of jobs as after a few.
+        self._open: dict[int, JobRecord] = {}
         self._requests: list[RecordedRequest] = []
         self._outages: list[Outage] = []
 
@@ -403,8 +407,8 @@ class State:
             for agent in [a for a in self._agents.values() if a.scale_set_id == scale_set_id]:
                 agent.removed = True
                 del self._agents[agent.id]
-            for job in self._jobs.values():
-                if job.scale_set_id != scale_set_id or job.state is JobState.COMPLETED:
+            for job in list(self._open.values()):
+                if job.scale_set_id != scale_set_id:
                     continue
                 if job.state is JobState.RUNNING:
                     # Its runner is gone with the scale set; nobody will report completion.
@@ -413,6 +417,7 @@ class State:
                         "canceled",
                         utcnow(),
                     )
+                    del self._open[job.request_id]
                 else:
                     # Not started yet: GitHub would hand it to another matching scale set.
                     self._requeue(job)
@@ -784,7 +789,7 @@ class State:
                 event_name=event_name,
                 queue_time=utcnow(),
             )
-            self._jobs[request_id] = job
+            self._jobs[request_id] = self._open[request_id] = job
             self._schedule()
             self._touch()
             return request_id
@@ -803,6 +808,7 @@ class State:
 
     def _finish(self, job: JobRecord, result: str, *, emit: bool) -> None:
         job.state, job.result, job.finish_time = JobState.COMPLETED, result, utcnow()
+        self._open.pop(job.request_id, None)
         agent = self._agents.get(job.runner_id) if job.runner_id is not None else None
         if emit and job.scale_set_id is not None:
             self._emit(
@@ -841,12 +847,12 @@ class State:
         if not capacity:
             return
         in_flight = dict.fromkeys(capacity, 0)
-        for job in self._jobs.values():
-            if job.scale_set_id in in_flight and job.state is not JobState.COMPLETED:
+        for job in self._open.values():
+            if job.scale_set_id in in_flight:
                 in_flight[job.scale_set_id] += 1
         candidates = [self._scale_sets[i] for i in sorted(capacity)]
         now = utcnow()
-        for job in self._jobs.values():
+        for job in self._open.values():
             if job.state is not JobState.QUEUED:
                 continue
             for scale_set in candidates:
@@ -920,7 +926,7 @@ class State:
                 job = next(
                     (
                         j
-                        for j in self._jobs.values()
+                        for j in self._open.values()
                         if j.state is JobState.ASSIGNED and j.scale_set_id == agent.scale_set_id
                     ),
                     None,
@@ -966,16 +972,15 @@ class State:
     # -- inspection -----------------------------------------------------------------------------
 
     def _statistics(self, scale_set_id: int) -> Statistics:
-        jobs = [j for j in self._jobs.values() if j.scale_set_id == scale_set_id]
+        # Every figure below leaves completed jobs out.
+        jobs = [j for j in self._open.values() if j.scale_set_id == scale_set_id]
         agents = [a for a in self._agents.values() if a.scale_set_id == scale_set_id]
         running = sum(1 for j in jobs if j.state is JobState.RUNNING)
         busy = sum(1 for a in agents if a.job is not None and a.job.state is JobState.RUNNING)
         return Statistics(
             total_available_jobs=sum(1 for j in jobs if j.state is JobState.AVAILABLE),
             # Acquired and not yet completed: in acquire mode a subset of the assigned jobs.
-            total_acquired_jobs=sum(
-                1 for j in jobs if j.acquired and j.state is not JobState.COMPLETED
-            ),
+            total_acquired_jobs=sum(1 for j in jobs if j.acquired),
             # Assigned covers waiting and running jobs, so assigned >= running always holds.
             total_assigned_jobs=sum(
                 1 for j in jobs if j.state in (JobState.ASSIGNED, JobState.RUNNING)
