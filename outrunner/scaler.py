@@ -79,6 +79,11 @@ RETRY_MAX: Final = 60.0
 START_BACKOFF_FIRST: Final = 1.0
 START_BACKOFF_MAX: Final = 300.0
 """Backoff (seconds) after consecutive failed starts: 1 s doubling to 5 minutes, jittered."""
+JIT_SETTLE: Final = 3.0
+"""Seconds after a JIT request failed or was cut off during which a lookup by name that finds no
+such runner is not taken as final: the server may still be handling the request (a connection
+dropped or cancelled mid-request does not stop it), and the runner it registers would be left
+behind (the Scaler's ``jit_settle``)."""
 UNCONFIRMED_FOR: Final = 60.0
 """Seconds a runner that ended in the middle of its job, before its JobCompleted message
 arrived, still counts towards the demand (see Scaler.handle_desired_runner_count)."""
@@ -156,6 +161,7 @@ class Scaler:
         stop_timeout: float = STOP_TIMEOUT,
         start_timeout: float = START_TIMEOUT,
         deregister_timeout: float = DEREGISTER_TIMEOUT,
+        jit_settle: float = JIT_SETTLE,
         jit_concurrency: int = JIT_CONCURRENCY,
         watch_interval: float = WATCH_INTERVAL,
         retry_first: float = RETRY_FIRST,
@@ -199,6 +205,7 @@ class Scaler:
         self._stop_timeout = stop_timeout
         self._start_timeout = start_timeout
         self._deregister_timeout = deregister_timeout
+        self._jit_settle = jit_settle
         self._jit_slots = asyncio.Semaphore(jit_concurrency)
         # Removals are bounded too: when a wave of jobs ends together, hundreds of DELETEs built
         # and sent in one loop iteration stalled the loop for hundreds of milliseconds.
@@ -220,6 +227,9 @@ class Scaler:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._start_tasks: dict[str, asyncio.Task[None]] = {}
         self._deregistrations: dict[str, asyncio.Task[None]] = {}
+        # Runners whose JIT request failed or was cut off -> loop time until which a lookup by
+        # name that finds nothing is not final (JIT_SETTLE).
+        self._unsettled: dict[str, float] = {}
         # Slots reserved by handle_desired_runner_count calls whose JIT requests are in flight;
         # counting them is what keeps concurrent calls from overshooting the target.
         self._reserved = 0
@@ -511,12 +521,13 @@ class Scaler:
                 )
         except Exception as exc:
             self._log.error("Failed to register runner", name=name, error=str(exc))
-            # The request may have reached GitHub before failing (a dropped answer).
-            self._start_deregistration(name, 0)
+            # The request may have reached GitHub before failing (a dropped answer), or may
+            # still be handled there.
+            self._deregister_unsettled(name)
             return
         except asyncio.CancelledError:
             # Shut down mid-request: GitHub may have registered it all the same.
-            self._start_deregistration(name, 0)
+            self._deregister_unsettled(name)
             raise
         finally:
             # Released in the same step that tracks the runner, so the count never double-counts.
@@ -927,7 +938,18 @@ class Scaler:
         self._record(name, runner_id, JournalPhase.DEREGISTERING)
         task = asyncio.create_task(self._deregister(name, runner_id), name=f"deregister:{name}")
         self._deregistrations[name] = task
-        task.add_done_callback(lambda _: self._deregistrations.pop(name, None))
+
+        def done(_: object) -> None:
+            self._deregistrations.pop(name, None)
+            self._unsettled.pop(name, None)
+
+        task.add_done_callback(done)
+
+    def _deregister_unsettled(self, name: str) -> None:
+        """Deregister a runner whose JIT request failed or was cut off, looking it up by name
+        until JIT_SETTLE has passed: only then does "no such runner" mean there is none."""
+        self._unsettled[name] = asyncio.get_running_loop().time() + self._jit_settle
+        self._start_deregistration(name, 0)
 
     async def _deregister(self, name: str, runner_id: int) -> None:
         """Remove the registration, retrying with backoff until GitHub confirms (204 or 404);
@@ -963,6 +985,9 @@ class Scaler:
                 if runner_id == 0:
                     found = await self._client.get_runner_by_name(name)
                     if found is None:
+                        unsettled = self._unsettled.get(name)
+                        if unsettled is not None and asyncio.get_running_loop().time() < unsettled:
+                            return _Removal.FAILED  # its JIT request may still be handled
                         return _Removal.DONE
                     runner_id = found.id
                 await self._client.remove_runner(runner_id)
