@@ -411,13 +411,9 @@ class State:
                 if job.scale_set_id != scale_set_id:
                     continue
                 if job.state is JobState.RUNNING:
-                    # Its runner is gone with the scale set; nobody will report completion.
-                    job.state, job.result, job.finish_time = (
-                        JobState.COMPLETED,
-                        "canceled",
-                        utcnow(),
-                    )
-                    del self._open[job.request_id]
+                    # Its runner is gone with the scale set (its agent record too, so nothing is
+                    # left to mark); nobody will report completion, and nobody listens for it.
+                    self._finish(job, "canceled", emit=False)
                 else:
                     # Not started yet: GitHub would hand it to another matching scale set.
                     self._requeue(job)
