@@ -227,9 +227,6 @@ class Scaler:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._start_tasks: dict[str, asyncio.Task[None]] = {}
         self._deregistrations: dict[str, asyncio.Task[None]] = {}
-        # Runners whose JIT request failed or was cut off -> loop time until which a lookup by
-        # name that finds nothing is not final (JIT_SETTLE).
-        self._unsettled: dict[str, float] = {}
         # Slots reserved by handle_desired_runner_count calls whose JIT requests are in flight;
         # counting them is what keeps concurrent calls from overshooting the target.
         self._reserved = 0
@@ -348,10 +345,7 @@ class Scaler:
         """
         self._desired = count
         target = min(self._max_runners, max(count, 0) + self._min_runners)
-        finished = sum(
-            state.phase is RunnerPhase.STOPPING and state.is_done
-            for state in self._stopping.values()
-        )
+        finished = sum(state.is_done for state in self._stopping.values())
         current = len(self._runners) + self._reserved
         room = self._max_runners - current
         wanted = target - (current - finished + self._count_unconfirmed())
@@ -661,24 +655,25 @@ class Scaler:
         """
         provisioner = self._provisioner
         monitor = provisioner if isinstance(provisioner, EnvironmentMonitor) else None
+        timeout = None if monitor is None else self._watch_interval
         waits: list[asyncio.Future[Any] | Signal] = [*ends] if watcher is None else [*ends, watcher]
         while True:
-            timeout = None if monitor is None else self._watch_interval
             got = await first_of(*waits, timeout=timeout)
             if 0 <= got < len(ends):
                 return got
-            if got < 0:  # a watch interval passed: ask the monitor, still minding the ends
-                assert monitor is not None
-                poll = asyncio.ensure_future(self._poll_exited(monitor, state.name))
-                try:
-                    got = await first_of(*ends, poll)
-                finally:
-                    await cancel_and_wait(poll)
-                if got < len(ends):
-                    return got
-                if not poll.result():
-                    continue
-            break
+            if got == len(ends):  # the watcher answered
+                break
+            # A watch interval passed: ask the monitor, still minding the ends.
+            assert monitor is not None
+            poll = asyncio.ensure_future(self._poll_exited(monitor, state.name))
+            try:
+                got = await first_of(*ends, poll)
+            finally:
+                await cancel_and_wait(poll)
+            if got < len(ends):
+                return got
+            if poll.result():
+                break
         if state.phase is RunnerPhase.RUNNING or state.is_done:
             self._log.info("Runner environment exited", name=state.name)
         else:
@@ -932,32 +927,34 @@ class Scaler:
 
     # -- deregistration ----------------------------------------------------------------------
 
-    def _start_deregistration(self, name: str, runner_id: int) -> None:
+    def _start_deregistration(
+        self, name: str, runner_id: int, *, settle_until: float = 0.0
+    ) -> None:
         if name in self._deregistrations:
             return
         self._record(name, runner_id, JournalPhase.DEREGISTERING)
-        task = asyncio.create_task(self._deregister(name, runner_id), name=f"deregister:{name}")
+        task = asyncio.create_task(
+            self._deregister(name, runner_id, settle_until), name=f"deregister:{name}"
+        )
         self._deregistrations[name] = task
-
-        def done(_: object) -> None:
-            self._deregistrations.pop(name, None)
-            self._unsettled.pop(name, None)
-
-        task.add_done_callback(done)
+        task.add_done_callback(lambda _: self._deregistrations.pop(name, None))
 
     def _deregister_unsettled(self, name: str) -> None:
         """Deregister a runner whose JIT request failed or was cut off, looking it up by name
-        until JIT_SETTLE has passed: only then does "no such runner" mean there is none."""
-        self._unsettled[name] = asyncio.get_running_loop().time() + self._jit_settle
-        self._start_deregistration(name, 0)
+        until ``jit_settle`` has passed: only then does "no such runner" mean there is none."""
+        settle_until = asyncio.get_running_loop().time() + self._jit_settle
+        self._start_deregistration(name, 0, settle_until=settle_until)
 
-    async def _deregister(self, name: str, runner_id: int) -> None:
+    async def _deregister(self, name: str, runner_id: int, settle_until: float) -> None:
         """Remove the registration, retrying with backoff until GitHub confirms (204 or 404);
-        a forced shutdown cuts the wait between attempts short."""
+        a forced shutdown cuts the wait between attempts short. Until ``settle_until`` (loop
+        time), a lookup by name that finds nothing is tried again (see JIT_SETTLE)."""
         delays = backoff(*self._retry)
         quiet = False
         while True:
-            outcome = await self._remove_once(name, runner_id, quiet=quiet)
+            outcome = await self._remove_once(
+                name, runner_id, quiet=quiet, settle_until=settle_until
+            )
             if outcome is _Removal.DONE:
                 self._forget(name)
                 return
@@ -975,18 +972,21 @@ class Scaler:
             else:  # a shutdown cuts the wait short
                 await first_of(asyncio.sleep(delay), self._forced)
 
-    async def _remove_once(self, name: str, runner_id: int, *, quiet: bool) -> _Removal:
+    async def _remove_once(
+        self, name: str, runner_id: int, *, quiet: bool, settle_until: float = 0.0
+    ) -> _Removal:
         async with self._removal_slots:  # the timeout below is the request's, not the wait's
-            return await self._remove_now(name, runner_id, quiet=quiet)
+            return await self._remove_now(name, runner_id, quiet, settle_until)
 
-    async def _remove_now(self, name: str, runner_id: int, *, quiet: bool) -> _Removal:
+    async def _remove_now(
+        self, name: str, runner_id: int, quiet: bool, settle_until: float
+    ) -> _Removal:
         try:
             async with asyncio.timeout(self._deregister_timeout):
                 if runner_id == 0:
                     found = await self._client.get_runner_by_name(name)
                     if found is None:
-                        unsettled = self._unsettled.get(name)
-                        if unsettled is not None and asyncio.get_running_loop().time() < unsettled:
+                        if asyncio.get_running_loop().time() < settle_until:
                             return _Removal.FAILED  # its JIT request may still be handled
                         return _Removal.DONE
                     runner_id = found.id
