@@ -457,6 +457,7 @@ class ScaleSetWorker:
         loop = asyncio.get_running_loop()
         session: MessageSession | None = None
         last_message_id = 0
+        unacquired: set[int] = set()  # offers acknowledged but not acquired: outlive a listener
         try:
             while True:
                 began = loop.time()
@@ -472,6 +473,7 @@ class ScaleSetWorker:
                         max_runners=capacity,
                         metrics=self.metrics,
                         last_message_id=last_message_id if resumed else 0,
+                        unacquired=unacquired,
                     )
                     self._listener = listener
                     self.session_open = True

@@ -9,8 +9,10 @@ job not killed by the chaos ran exactly once and succeeded; no runner was stoppe
 chaos killed it; nothing is left (environments, registrations, sessions, journal entries).
 
 Seeds are random and printed with their summary. Replay one with ``OUTRUNNER_CHAOS_SEED=<seed>``
-(several: ``OUTRUNNER_CHAOS_SEED=1,2``); run more with ``OUTRUNNER_CHAOS_SEEDS=<count>``;
-``OUTRUNNER_CHAOS_ACQUIRE=1`` runs FakeGitHub in acquire mode (older GHES).
+(several: ``OUTRUNNER_CHAOS_SEED=1,2``); run more with ``OUTRUNNER_CHAOS_SEEDS=<count>``.
+Every other random seed runs FakeGitHub in acquire mode (older GHES: jobs are offered, and
+assigned once acquired); ``OUTRUNNER_CHAOS_ACQUIRE=1`` runs every seed so, ``=0`` none (a replay
+without it runs in the default mode, as its summary's replay line says).
 """
 
 from __future__ import annotations
@@ -53,11 +55,15 @@ async def test_no_job_is_lost_or_run_twice_whatever_fails(tmp_path: Path) -> Non
     seeds, random_seeds = chosen_seeds(CI_SEEDS)
     # The totals are for CI's run; a replay, or a quick run of fewer seeds, cannot reach them.
     totals = random_seeds and len(seeds) >= CI_SEEDS
-    acquire_mode = os.environ.get(ACQUIRE_ENV) == "1"
+    chosen_mode = os.environ.get(ACQUIRE_ENV)
     reports: list[SeedReport] = []
     faults: Counter[str] = Counter()
     while seeds:
         seed = seeds.pop(0)
+        if chosen_mode is not None:
+            acquire_mode = chosen_mode == "1"
+        else:
+            acquire_mode = random_seeds and len(reports) % 2 == 1
         # Printed before the run too, so even a run that hangs names its seed.
         print(f"chaos seed={seed} acquire_mode={acquire_mode} starting", flush=True)
         report = await run_seed(seed, tmp_path / str(seed), acquire_mode=acquire_mode)

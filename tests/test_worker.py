@@ -280,3 +280,29 @@ async def test_a_short_outage_resumes_the_same_session_instead_of_abandoning_it(
             task.cancel()
             await asyncio.wait({task})
         assert gh.sessions() == []
+
+
+async def test_jobs_offered_while_acquisition_fails_are_acquired_after_reconnecting() -> None:
+    # Older GHES offers jobs (JobAvailable) and assigns them only once acquired. The offer's
+    # message is acknowledged first, so when every attempt to acquire fails, the worker must
+    # remember the offer: GitHub does not make it again.
+    async with FakeGitHub(pat=TOKEN, long_poll_timeout=0.3, acquire_mode=True) as gh:
+        async with fast_client(gh.config_url(), TOKEN) as client:
+            prov = InMemoryProvisioner(workload=agent)
+            worker = ScaleSetWorker(
+                client, runner(), max_runners=2, provisioner=prov, owner="me", backoff=FAST
+            )
+            task = await start_worker(worker)
+            try:
+                gh.fail_next(Endpoint.ACQUIRE_JOBS, times=5)  # every retry of one call
+                job = gh.queue_job(["linux"], duration=0.1)
+                await gh.wait_until_jobs_completed_async(1, timeout=15)
+                assert gh.job(job).result == "succeeded"
+                acquisitions = gh.requests_to(Endpoint.ACQUIRE_JOBS)
+                assert len(acquisitions) == 6
+                assert gh.pending_faults(Endpoint.ACQUIRE_JOBS) == 0
+                await gh.wait_for_async(lambda: worker.scaler.runners() == [], timeout=10)
+            finally:
+                await stop_worker(task)
+        assert prov.environments == {}
+        assert gh.runners() == []

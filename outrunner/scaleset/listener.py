@@ -4,6 +4,11 @@ Per message, in this order: record statistics, acknowledge (DELETE) first, acqui
 jobs, hand over started jobs, then completed jobs, then ask for the desired runner count with
 ``totalAssignedJobs``. An empty poll (202) asks for the desired count with the latest statistics.
 
+When acquiring fails, the rest of the message is still handed over before the error is raised,
+and the offers are kept (``unacquired``, which a supervisor hands from one listener to the next)
+and acquired again when the next listener starts: the message is already acknowledged, so GitHub
+will not tell of its jobs again, and dropping any of it would lose them.
+
 The listener neither creates nor deletes the session. Errors propagate with a note saying where
 they happened; the exception type is kept so callers can react (e.g. reconnect on
 ``MessageQueueTokenExpiredError``). ``last_message_id`` survives a failed :meth:`Listener.run`, so a
@@ -101,8 +106,12 @@ class Listener:
         metrics: MetricsRecorder | None = None,
         logger: logging.Logger | None = None,
         last_message_id: int = 0,
+        unacquired: set[int] | None = None,
     ) -> None:
         self._source = source
+        self.unacquired: set[int] = set() if unacquired is None else unacquired
+        """Runner request ids offered (``JobAvailable``) whose acquisition failed; shared with
+        the caller when it passes its own set."""
         self._max_runners = _check_max_runners(max_runners)
         self._metrics: MetricsRecorder = metrics or NoopMetrics()
         self._log = logger or logging.getLogger("outrunner.scaleset.listener")
@@ -139,6 +148,8 @@ class Listener:
             "handling the initial statistics",
         )
         self._metrics.record_desired_runners(desired)
+        if self.unacquired:
+            await self._acquire([], "acquiring jobs offered before a failure")
 
         while True:
             self._log.debug(
@@ -204,13 +215,15 @@ class Listener:
         else:
             self._record_statistics(message.statistics)
         await _noted(self._source.delete_message(message.message_id), f"{where}: delete")
+        failed: Exception | None = None
         if message.jobs_available:
             ids = [job.runner_request_id for job in message.jobs_available]
-            self._log.info("Acquiring jobs", extra={"attrs": {"count": len(ids)}})
-            acquired = await _noted(self._source.acquire_jobs(ids), f"{where}: acquire jobs")
-            self._log.info(
-                "Jobs acquired", extra={"attrs": {"count": len(acquired), "ids": acquired}}
-            )
+            try:
+                await self._acquire(ids, f"{where}: acquire jobs")
+            except Exception as exc:
+                # Raised once the rest is handled: the message is acknowledged, so the jobs it
+                # reports started and completed would never be told again.
+                failed = exc
         for started in message.jobs_started:
             self._metrics.record_job_started(started)
             await _noted(scaler.handle_job_started(started), f"{where}: job started")
@@ -222,6 +235,19 @@ class Listener:
             f"{where}: desired runner count",
         )
         self._metrics.record_desired_runners(desired)
+        if failed is not None:
+            raise failed
+
+    async def _acquire(self, offered: Sequence[int], where: str) -> None:
+        """Acquire ``offered`` and any earlier offers whose acquisition failed. They stay in
+        :attr:`unacquired` until GitHub answers; ids missing from its answer were taken by
+        another scale set or are no longer on offer, so they are not asked for again."""
+        self.unacquired.update(offered)
+        ids = sorted(self.unacquired)
+        self._log.info("Acquiring jobs", extra={"attrs": {"count": len(ids)}})
+        acquired = await _noted(self._source.acquire_jobs(ids), where)
+        self.unacquired.difference_update(ids)
+        self._log.info("Jobs acquired", extra={"attrs": {"count": len(acquired), "ids": acquired}})
 
     def _record_statistics(self, statistics: RunnerScaleSetStatistic) -> None:
         self._latest_statistics = statistics

@@ -195,6 +195,61 @@ async def test_no_acquire_without_available_jobs() -> None:
     assert not [c for c in calls if c[0] == "acquire"]
 
 
+class FailingAcquire(FakeSource):
+    """Fails its first ``failures`` acquisitions, as GitHub does during an outage."""
+
+    def __init__(self, calls: list[Call], polls: Sequence[RunnerScaleSetMessage], failures: int):
+        super().__init__(calls, polls)
+        self.failures = failures
+
+    async def acquire_jobs(self, request_ids: Sequence[int]) -> list[int]:
+        self.calls.append(("acquire", list(request_ids)))
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionError("GitHub is down")
+        return [i for i in request_ids if i != 2]  # job 2 went to another scale set
+
+
+async def test_a_failed_acquisition_still_hands_over_the_rest_of_its_message() -> None:
+    # Acknowledged already: the jobs it reports started and completed would never come again.
+    calls: list[Call] = []
+    source = FailingAcquire(calls, [message(5, 3, available=1, started=["a"], completed=["b"])], 1)
+    with pytest.raises(ConnectionError) as raised:
+        await Listener(source, max_runners=2).run(FakeScaler(calls))
+    assert calls[-5:] == [
+        ("delete", 5),
+        ("acquire", [1]),
+        ("started", "a"),
+        ("completed", "b"),
+        ("desired", 3),
+    ]
+    assert raised.value.__notes__ == ["listener: failed while handling message 5: acquire jobs"]
+
+
+async def test_offers_whose_acquisition_failed_are_acquired_by_the_next_listener() -> None:
+    # The offer's message is acknowledged before the acquisition: GitHub will not offer the jobs
+    # again, so a listener that dropped them on failure would lose them.
+    calls: list[Call] = []
+    unacquired: set[int] = set()
+    first = FailingAcquire(calls, [message(5, 0, available=2)], failures=1)
+    with pytest.raises(ConnectionError):
+        await Listener(first, max_runners=2, unacquired=unacquired).run(FakeScaler(calls))
+    assert unacquired == {1, 2}
+
+    calls.clear()
+    second = FailingAcquire(calls, [message(6, 0, available=1)], failures=0)
+    listener = Listener(second, max_runners=2, last_message_id=5, unacquired=unacquired)
+    await run_until_idle(listener, second, FakeScaler(calls))
+    # At start, before the next poll; then only the new offer (job 2 was answered for: taken).
+    assert [c for c in calls if c[0] in ("acquire", "get")] == [
+        ("acquire", [1, 2]),
+        ("get", 5, 2),
+        ("acquire", [1]),
+        ("get", 6, 2),
+    ]
+    assert unacquired == set()
+
+
 @pytest.mark.parametrize(
     ("initial", "error"),
     [
