@@ -249,10 +249,14 @@ class DockerProvisioner(ClosingContext):
         client = await self._client(options.host)
         log = self._log.bind(name=request.name)
         self._runner_hosts[request.name] = options.host
+        # The exit stream is open before the container starts, so its wait_exited can trust
+        # the stream instead of asking the engine (see _ExitEvents).
+        watcher = self._exit_watcher(client)
         try:
-            container_id = await self._create_and_start(client, request, options, log)
+            container_id = await self._create_and_start(client, request, options, log, watcher)
         except BaseException:
             self._runner_hosts.pop(request.name, None)
+            watcher.forget(request.name)
             raise
         log.info("Container started", image=options.image, id=container_id[:12])
 
@@ -262,6 +266,9 @@ class DockerProvisioner(ClosingContext):
         name that outrunner did not create is left alone."""
         self._check_open()
         client = await self._client(self._runner_hosts.get(name, ""))
+        watcher = self._exit_events.get(client)
+        if watcher is not None:
+            watcher.forget(name)
         info = await self._inspect(client, name)
         if info is None:
             self._runner_hosts.pop(name, None)
@@ -351,11 +358,15 @@ class DockerProvisioner(ClosingContext):
         self._check_open()
         client = await self._client(self._runner_hosts.get(name, ""))
         self._check_open()  # closed while connecting: no new stream may start
+        await self._exit_watcher(client).wait(name)
+
+    def _exit_watcher(self, client: docker.APIClient) -> _ExitEvents:
+        """The engine's exit-event stream, opened on first use."""
         watcher = self._exit_events.get(client)
         if watcher is None:
             watcher = _ExitEvents(client, partial(self._inspect, client), self._log)
             self._exit_events[client] = watcher
-        await watcher.wait(name)
+        return watcher
 
     # -- Adopter -----------------------------------------------------------------------------
 
@@ -489,6 +500,7 @@ class DockerProvisioner(ClosingContext):
         request: RunnerRequest,
         options: DockerImage,
         log: BoundLogger,
+        watcher: _ExitEvents,
     ) -> str:
         spec = _container_spec(client, request, options)
         image = options.image
@@ -515,6 +527,7 @@ class DockerProvisioner(ClosingContext):
                 result = await asyncio.shield(created)
             container_id = str(result["Id"])
             log.debug("Container created", id=container_id[:12])
+            watcher.started(request.name, container_id)
             await self._call(client.start, container_id)
         except BaseException as exc:
             await self._undo_create(client, created)
@@ -724,6 +737,14 @@ class _ExitEvents:
     other event for a waited name only means "look again" (an inspect), so replayed or stale
     events cannot release a waiter early. The fast path matters when many runners end at once:
     the confirming inspect would queue behind starts and removals in the provisioner's pool.
+
+    A container this provisioner starts while the stream is up needs no inspect at all: the
+    start announces its ID (:meth:`started`) before the engine runs it, so its ``die`` or
+    ``destroy`` is on the stream, and is kept until the runner's wait comes, when it comes
+    before. The waiter trusts the stream only if it has stayed subscribed since the start (the
+    subscription count has not moved); otherwise it inspects as above. In a burst this saves one
+    engine call per runner, which would queue in the provisioner's pool between the creates
+    and starts of the runners after it.
     """
 
     def __init__(
@@ -738,6 +759,12 @@ class _ExitEvents:
         self._loop = asyncio.get_running_loop()
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
         self._running_ids: dict[str, str] = {}  # waited name -> ID an inspect saw running
+        self._subscriptions = 0  # subscriptions the loop has heard of
+        self._subscribed = False  # and whether the latest is still up
+        # Name -> (ID, subscription) of a container started while that subscription was up,
+        # until its first wait; names among them whose end the stream told before that wait.
+        self._started: dict[str, tuple[str, int]] = {}
+        self._ended: set[str] = set()
         self._checks: set[asyncio.Task[None]] = set()
         self._stopping = threading.Event()
         self._lock = threading.Lock()  # hands the open stream between the thread and close()
@@ -747,13 +774,32 @@ class _ExitEvents:
         )
         self._thread.start()
 
+    def started(self, name: str, container_id: str) -> None:
+        """Note that the container ``container_id`` named ``name`` is about to be started."""
+        self.forget(name)
+        if self._subscribed:
+            self._started[name] = (container_id, self._subscriptions)
+
+    def forget(self, name: str) -> None:
+        """Drop what :meth:`started` noted of ``name`` (its start failed, or it is stopped)."""
+        self._started.pop(name, None)
+        self._ended.discard(name)
+
     async def wait(self, name: str) -> None:
         """Return once ``name`` is gone or not running; raises when closed meanwhile."""
         future: asyncio.Future[None] = self._loop.create_future()
         waiters = self._waiters.setdefault(name, set())
         waiters.add(future)
+        started = self._started.pop(name, None)
+        ended = name in self._ended
+        self._ended.discard(name)
         try:
-            if not await self._looks_ended(name):
+            if ended:
+                return
+            if started is not None and self._subscribed and started[1] == self._subscriptions:
+                self._running_ids[name] = started[0]
+                await future
+            elif not await self._looks_ended(name):
                 await future
         finally:
             if future.done() and not future.cancelled():
@@ -794,6 +840,9 @@ class _ExitEvents:
         task.add_done_callback(self._checks.discard)
 
     def _on_event(self, name: str, container_id: str) -> None:
+        started = self._started.get(name)
+        if started is not None and started[0] == container_id:
+            self._ended.add(name)
         if name not in self._waiters:
             return
         if self._running_ids.get(name) == container_id:
@@ -802,8 +851,13 @@ class _ExitEvents:
             self._check(name)
 
     def _on_subscribed(self) -> None:
+        self._subscriptions += 1
+        self._subscribed = True
         for name in list(self._waiters):
             self._check(name)
+
+    def _on_unsubscribed(self) -> None:
+        self._subscribed = False
 
     async def _release_if_ended(self, name: str) -> None:
         if await self._looks_ended(name):
@@ -858,6 +912,7 @@ class _ExitEvents:
             if not self._post(self._on_subscribed):
                 return
             outage = self._forward(stream)
+            self._post(self._on_unsubscribed)
             with self._lock:
                 self._stream = None
             _close_stream(stream)

@@ -787,6 +787,51 @@ async def test_wait_exited_when_the_runner_exits_by_itself(
     assert await inspect(engine, kept.name) is None
 
 
+async def test_a_runner_it_started_is_watched_without_asking_the_engine(
+    mocker: MockerFixture, engine: docker.APIClient, scale_set: str, tmp_path: Path
+) -> None:
+    # In a burst, an inspect per runner would queue between the creates and starts of the
+    # runners after it. The stream, open before the start, tells of the exit instead: while
+    # the waiter waits, or (a runner that ended at once) before the wait began.
+    for script, body in (("brief.sh", "sleep 0.5"), ("quick.sh", "exit 0")):
+        (tmp_path / script).write_text(f"#!/bin/sh\n{body}\n")
+        (tmp_path / script).chmod(0o755)
+    mounts = (DockerMount(str(tmp_path), "/t", read_only=True),)
+    clients: list[docker.APIClient] = []
+
+    def factory(url: str | None) -> docker.APIClient:
+        client = default_client(url)
+        mocker.patch.object(client, "inspect_container", wraps=client.inspect_container)
+        clients.append(client)
+        return client
+
+    async with DockerProvisioner(client_factory=factory) as provisioner:
+        first = request(scale_set, runner_cmd="/t/brief.sh", mounts=mounts)
+        await provisioner.start(first)  # opens the engine's exit stream
+        (watcher,) = provisioner._exit_events.values()
+        await wait_until(lambda: asyncio.sleep(0, watcher._subscribed))
+        brief = request(scale_set, runner_cmd="/t/brief.sh", mounts=mounts)
+        quick = request(scale_set, runner_cmd="/t/quick.sh", mounts=mounts, auto_remove=False)
+        await provisioner.start(brief)
+        await provisioner.start(quick)
+
+        async def quick_exited() -> bool:
+            info = await inspect(engine, quick.name)  # the test's own client
+            return info is not None and info["State"]["Status"] == "exited"
+
+        await wait_until(quick_exited)
+        (client,) = clients
+        client.inspect_container.reset_mock()
+        waits = (provisioner.wait_exited(brief.name), provisioner.wait_exited(quick.name))
+        await asyncio.wait_for(asyncio.gather(*waits), 10)
+        assert client.inspect_container.call_count == 0
+        assert await provisioner.exited(brief.name)
+        for req in (first, brief, quick):
+            await provisioner.stop(req.name)
+    assert watcher._started == {}
+    assert watcher._ended == set()
+
+
 async def test_event_stream_thread_ends_with_close(
     engine: docker.APIClient, scale_set: str
 ) -> None:
