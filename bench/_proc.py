@@ -31,10 +31,12 @@ __all__ = [
     "ChildError",
     "LagTicker",
     "cpu_seconds",
+    "machine_busy_cores",
     "memory_mib",
     "percentile",
     "reset_peak_rss",
     "serve_lines",
+    "wait_for_quiet_machine",
 ]
 
 
@@ -42,6 +44,42 @@ def cpu_seconds() -> float:
     """User plus system CPU time of this process so far (every thread, not its children)."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+def _cpu_ticks() -> tuple[int, int]:
+    """All and idle (idle + iowait) CPU ticks of the machine so far, from /proc/stat."""
+    with open("/proc/stat", encoding="ascii") as stat:
+        values = [int(v) for v in stat.readline().split()[1:9]]  # guest time is in user already
+    return sum(values), values[3] + values[4]
+
+
+def machine_busy_cores(window: float) -> float:
+    """How many cores the whole machine kept busy, on average, over the next ``window`` s."""
+    total, idle = _cpu_ticks()
+    time.sleep(window)
+    total_after, idle_after = _cpu_ticks()
+    ticks = total_after - total
+    if ticks <= 0:
+        return 0.0
+    return (ticks - (idle_after - idle)) / ticks * (os.cpu_count() or 1)
+
+
+def wait_for_quiet_machine(
+    max_busy: float = 0.25, timeout: float = 30.0, window: float = 1.0
+) -> float:
+    """Write back what is dirty (``sync``), then wait until the machine keeps at most
+    ``max_busy`` cores busy over ``window``; returns the seconds waited (``timeout`` at most).
+
+    After 50 containers are removed, the kernel goes on releasing their cgroups and writing back
+    their layers' removal for seconds (``kworker`` threads at 1-2 cores on the reference
+    machine): a burst measured straight after would pay for the one before it.
+    """
+    began = time.monotonic()
+    os.sync()
+    while time.monotonic() - began < timeout:
+        if machine_busy_cores(window) <= max_busy:
+            break
+    return time.monotonic() - began
 
 
 def memory_mib() -> dict[str, float]:

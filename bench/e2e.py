@@ -14,8 +14,10 @@ outrunner's process alone. Scenarios:
 
 * ``docker``: a single job, queued at the fake -> its container's ``start`` event (the engine's
   clock), against the SDK's create+start of the same image in the same run, interleaved, with
-  the time split; bursts of 20 and 50 jobs against as many concurrent raw create+starts; a warm
-  pool (``min_runners: 1``): queued -> the waiting runner has the job.
+  the time split; bursts of 20 and 50 jobs against as many concurrent raw create+starts, four
+  of each, the two sides taking turns going first and each starting on a quiet machine (dirty
+  pages written back, under a quarter of a core busy); a warm pool (``min_runners: 1``): queued
+  -> the waiting runner has the job.
 * ``memory``: 10 -> 100 -> 1,000 concurrent jobs (max_runners = that, five jobs per runner
   slot) in in-memory environments: wall time, CPU per job lifecycle, peak RSS, loop lag, and
   whether every runner was deregistered in time.
@@ -48,7 +50,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench._proc import Child, ChildError
+from bench._proc import Child, ChildError, wait_for_quiet_machine
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -109,7 +111,8 @@ class Settings:
             scenarios=set(args.only.split(",")) if args.only else set(SCENARIOS),
             single_samples=5 if quick else 12,
             bursts=[20] if quick else [20, 50],
-            burst_repeats=1 if quick else 2,
+            # Even: each side goes first as often as the other.
+            burst_repeats=1 if quick else 4,
             warm_samples=3 if quick else 10,
             memory_levels=[10, 100, 1000],
             jobs_per_slot=1 if quick else 5,
@@ -470,37 +473,62 @@ def run_docker(bench: Bench) -> dict[str, Any]:
             for size in settings.bursts:
                 for rep in range(settings.burst_repeats):
                     names = [f"{raw_prefix}b{size}x{rep}n{i}" for i in range(size)]
-                    named = set(names).__contains__
                     # The raw containers run the same runner agent as outrunner's (registered
                     # in a scale set of their own; it waits for a job): the agents of the first
                     # containers work while the last ones start, on the same cores, in both.
                     jits = fake.request("jit", names=names)["jit"]
-                    began = raw_burst(
-                        lambda: default_client(engine_url),
-                        image,
-                        names,
-                        [[f"{JIT_ENV}={jit}"] for jit in jits],
-                    )
-                    raw_starts = [
-                        e.t - began for e in events.wait("start", named, size, began, 120)
-                    ]
-                    remove_containers(api, names)
-                    events.wait("destroy", named, size, began, 60)
 
-                    # The jobs last until every container has started, so no runner exits (and
-                    # no engine removal runs) during the burst: the raw containers stay up too.
-                    duration = max(10.0, size * 0.4)
-                    t = fake.request("queue", n=size, labels=[prefix], duration=duration)["t"]
-                    ours_started = [e.t - t for e in events.wait("start", ours, size, t, 180)]
-                    settle(fake, out, timeout=180)
-                    records = out.request("records")["records"]
+                    def run_raw(
+                        names: list[str] = names, jits: list[str] = jits, size: int = size
+                    ) -> list[float]:
+                        began = raw_burst(
+                            lambda: default_client(engine_url),
+                            image,
+                            names,
+                            [[f"{JIT_ENV}={jit}"] for jit in jits],
+                        )
+                        named = set(names).__contains__
+                        starts = [
+                            e.t - began for e in events.wait("start", named, size, began, 120)
+                        ]
+                        remove_containers(api, names)
+                        events.wait("destroy", named, size, began, 60)
+                        return starts
+
+                    def run_ours(size: int = size) -> tuple[float, list[float], list[Any]]:
+                        # The jobs last until every container has started, so no runner exits
+                        # (and no engine removal runs) during the burst: the raw containers
+                        # stay up too.
+                        duration = max(10.0, size * 0.4)
+                        t = fake.request("queue", n=size, labels=[prefix], duration=duration)["t"]
+                        started = [e.t - t for e in events.wait("start", ours, size, t, 180)]
+                        settle(fake, out, timeout=180)
+                        return t, started, out.request("records")["records"]
+
+                    # Each side starts on a quiet machine, and they take turns going first: the
+                    # cleanup after one burst must not slow the next, nor the order favour one.
+                    quiet: dict[str, float] = {}
+                    if rep % 2:
+                        quiet["outrunner"] = wait_for_quiet_machine()
+                        t, ours_started, records = run_ours()
+                        quiet["raw"] = wait_for_quiet_machine()
+                        raw_starts = run_raw()
+                    else:
+                        quiet["raw"] = wait_for_quiet_machine()
+                        raw_starts = run_raw()
+                        quiet["outrunner"] = wait_for_quiet_machine()
+                        t, ours_started, records = run_ours()
 
                     def at(message: str, since: float = t, got: list[Any] = records) -> list[float]:
-                        return sorted(r["t"] - since for r in got if r["msg"] == message)
+                        return sorted(
+                            r["t"] - since for r in got if since <= r["t"] and r["msg"] == message
+                        )
 
                     bursts.append(
                         {
                             "size": size,
+                            "first": "outrunner" if rep % 2 else "raw",
+                            "quiet_wait_s": quiet,
                             "raw": sorted(raw_starts),
                             "outrunner": sorted(ours_started),
                             # When outrunner had each runner's JIT config, and when each start
