@@ -82,6 +82,10 @@ _SYNC_INTERVAL: Final = 0.01
 # a forgotten runner) only need to reach the disk soon, and gathering them costs far fewer syncs
 # (at 1,000 runners, a sync every 10 ms was a tenth of the process's CPU).
 _LAZY_SYNC_INTERVAL: Final = 1.0
+# How long, in seconds, Journal.sync() waits for an fdatasync before it gives up waiting (logged):
+# a disk that hangs (an NFS server gone) must not stop every runner start for good, any more than
+# a failing one does. The record is written already, so only a crash of the machine could lose it.
+SYNC_WAIT_LIMIT: Final = 10.0
 # A file of garbage must not produce millions of problems and log lines.
 _MAX_PROBLEMS: Final = 100
 _EXCERPT_BYTES: Final = 60
@@ -582,7 +586,8 @@ class Journal:
         Returns at once when not ``durable``, when nothing written is waiting for its
         ``fdatasync``, or once closed (:meth:`close` syncs). A failing sync is logged and ends the
         wait all the same: a failing disk must not hold up the caller (a runner start); the next
-        write rewrites the file.
+        write rewrites the file. So does a sync that takes longer than :data:`SYNC_WAIT_LIMIT`
+        (logged as an error; the sync goes on in the background).
         """
         target = self._written
         if not self._durable or self._closed or self._synced >= target:
@@ -594,7 +599,15 @@ class Journal:
         wake = self._wake
         if wake is not None and not wake.done():
             wake.set_result(None)
-        await waiter
+        try:
+            async with asyncio.timeout(SYNC_WAIT_LIMIT):
+                await asyncio.shield(waiter)
+        except TimeoutError:
+            self._log.error(
+                "Runner journal sync is taking too long; going on without it",
+                file=str(self._path),
+                waited_s=SYNC_WAIT_LIMIT,
+            )
 
     def close(self) -> None:
         """Close the file and release the state directory's lock. Safe to call again, on an event

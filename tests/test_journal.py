@@ -769,6 +769,35 @@ async def test_a_failing_sync_is_logged_ends_the_wait_and_a_later_write_syncs_ag
         assert (journal.entries(), journal.problems) == (THREE, ())
 
 
+def slow_syncs(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    message = "Runner journal sync is taking too long; going on without it"
+    return [r for r in caplog.records if r.getMessage() == message]
+
+
+@pytest.mark.anyio
+async def test_a_sync_that_hangs_is_logged_and_stops_holding_up_the_caller(
+    tmp_path: Path, syncs: Syncs, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A disk that hangs (an NFS server gone) must not stop every runner start for good.
+    monkeypatch.setattr(journal_module, "SYNC_WAIT_LIMIT", 0.2)
+    syncs.release = threading.Event()  # each fdatasync hangs until set
+    try:
+        with Journal.open(tmp_path) as journal:
+            journal.record(THREE[0])
+            await asyncio.wait_for(journal.sync(), 5)
+            assert syncs.entered.is_set()
+            assert [r.levelno for r in slow_syncs(caplog)] == [logging.ERROR]
+
+            syncs.release.set()  # the disk is back: the next wait is an ordinary one
+            journal.record(THREE[1])
+            await asyncio.wait_for(journal.sync(), 5)
+            assert len(slow_syncs(caplog)) == 1
+    finally:
+        syncs.release.set()
+    with Journal.open(tmp_path, durable=False) as journal:
+        assert (journal.entries(), journal.problems) == (THREE[:2], ())
+
+
 @pytest.mark.anyio
 async def test_close_on_a_loop_syncs_what_is_pending_inline_and_leaves_nothing_running(
     tmp_path: Path, syncs: Syncs, caplog: pytest.LogCaptureFixture
