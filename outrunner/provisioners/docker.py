@@ -761,10 +761,8 @@ class _ExitEvents:
         self._running_ids: dict[str, str] = {}  # waited name -> ID an inspect saw running
         self._subscriptions = 0  # subscriptions the loop has heard of
         self._subscribed = False  # and whether the latest is still up
-        # Name -> (ID, subscription) of a container started while that subscription was up,
-        # until its first wait; names among them whose end the stream told before that wait.
-        self._started: dict[str, tuple[str, int]] = {}
-        self._ended: set[str] = set()
+        # Containers started while the stream was up, by name, until their first wait.
+        self._started: dict[str, _Started] = {}
         self._checks: set[asyncio.Task[None]] = set()
         self._stopping = threading.Event()
         self._lock = threading.Lock()  # hands the open stream between the thread and close()
@@ -776,14 +774,14 @@ class _ExitEvents:
 
     def started(self, name: str, container_id: str) -> None:
         """Note that the container ``container_id`` named ``name`` is about to be started."""
-        self.forget(name)
         if self._subscribed:
-            self._started[name] = (container_id, self._subscriptions)
+            self._started[name] = _Started(container_id, self._subscriptions)
+        else:
+            self.forget(name)
 
     def forget(self, name: str) -> None:
         """Drop what :meth:`started` noted of ``name`` (its start failed, or it is stopped)."""
         self._started.pop(name, None)
-        self._ended.discard(name)
 
     async def wait(self, name: str) -> None:
         """Return once ``name`` is gone or not running; raises when closed meanwhile."""
@@ -791,13 +789,15 @@ class _ExitEvents:
         waiters = self._waiters.setdefault(name, set())
         waiters.add(future)
         started = self._started.pop(name, None)
-        ended = name in self._ended
-        self._ended.discard(name)
         try:
-            if ended:
+            if started is not None and started.ended:
                 return
-            if started is not None and self._subscribed and started[1] == self._subscriptions:
-                self._running_ids[name] = started[0]
+            if (
+                started is not None
+                and self._subscribed
+                and started.subscription == self._subscriptions
+            ):
+                self._running_ids[name] = started.container_id
                 await future
             elif not await self._looks_ended(name):
                 await future
@@ -841,8 +841,8 @@ class _ExitEvents:
 
     def _on_event(self, name: str, container_id: str) -> None:
         started = self._started.get(name)
-        if started is not None and started[0] == container_id:
-            self._ended.add(name)
+        if started is not None and started.container_id == container_id:
+            started.ended = True
         if name not in self._waiters:
             return
         if self._running_ids.get(name) == container_id:
@@ -943,6 +943,15 @@ class _ExitEvents:
             self._stopping.set()
             return False
         return True
+
+
+@dataclass
+class _Started:
+    """A container :class:`_ExitEvents` saw announced before its start (see there)."""
+
+    container_id: str
+    subscription: int  # the stream's subscription that was up when it started
+    ended: bool = False  # its die or destroy arrived before anyone waited
 
 
 def _close_stream(stream: CancellableStream[Any]) -> None:
