@@ -469,6 +469,28 @@ def run_docker(bench: Bench) -> dict[str, Any]:
                 )
             result["single"] = {"outrunner": single, "raw": raw}
 
+            def run_raw(names: list[str], jits: list[str]) -> list[float]:
+                began = raw_burst(
+                    lambda: default_client(engine_url),
+                    image,
+                    names,
+                    [[f"{JIT_ENV}={jit}"] for jit in jits],
+                )
+                named = set(names).__contains__
+                starts = [e.t - began for e in events.wait("start", named, len(names), began, 120)]
+                remove_containers(api, names)
+                events.wait("destroy", named, len(names), began, 60)
+                return starts
+
+            def run_ours(size: int) -> tuple[float, list[float], list[Any]]:
+                # The jobs last until every container has started, so no runner exits (and no
+                # engine removal runs) during the burst: the raw containers stay up too.
+                duration = max(10.0, size * 0.4)
+                t = fake.request("queue", n=size, labels=[prefix], duration=duration)["t"]
+                started = [e.t - t for e in events.wait("start", ours, size, t, 180)]
+                settle(fake, out, timeout=180)
+                return t, started, out.request("records")["records"]
+
             bursts: list[dict[str, Any]] = []
             for size in settings.bursts:
                 for rep in range(settings.burst_repeats):
@@ -478,46 +500,19 @@ def run_docker(bench: Bench) -> dict[str, Any]:
                     # containers work while the last ones start, on the same cores, in both.
                     jits = fake.request("jit", names=names)["jit"]
 
-                    def run_raw(
-                        names: list[str] = names, jits: list[str] = jits, size: int = size
-                    ) -> list[float]:
-                        began = raw_burst(
-                            lambda: default_client(engine_url),
-                            image,
-                            names,
-                            [[f"{JIT_ENV}={jit}"] for jit in jits],
-                        )
-                        named = set(names).__contains__
-                        starts = [
-                            e.t - began for e in events.wait("start", named, size, began, 120)
-                        ]
-                        remove_containers(api, names)
-                        events.wait("destroy", named, size, began, 60)
-                        return starts
-
-                    def run_ours(size: int = size) -> tuple[float, list[float], list[Any]]:
-                        # The jobs last until every container has started, so no runner exits
-                        # (and no engine removal runs) during the burst: the raw containers
-                        # stay up too.
-                        duration = max(10.0, size * 0.4)
-                        t = fake.request("queue", n=size, labels=[prefix], duration=duration)["t"]
-                        started = [e.t - t for e in events.wait("start", ours, size, t, 180)]
-                        settle(fake, out, timeout=180)
-                        return t, started, out.request("records")["records"]
-
                     # Each side starts on a quiet machine, and they take turns going first: the
                     # cleanup after one burst must not slow the next, nor the order favour one.
                     quiet: dict[str, float] = {}
                     if rep % 2:
                         quiet["outrunner"] = wait_for_quiet_machine()
-                        t, ours_started, records = run_ours()
+                        t, ours_started, records = run_ours(size)
                         quiet["raw"] = wait_for_quiet_machine()
-                        raw_starts = run_raw()
+                        raw_starts = run_raw(names, jits)
                     else:
                         quiet["raw"] = wait_for_quiet_machine()
-                        raw_starts = run_raw()
+                        raw_starts = run_raw(names, jits)
                         quiet["outrunner"] = wait_for_quiet_machine()
-                        t, ours_started, records = run_ours()
+                        t, ours_started, records = run_ours(size)
 
                     def at(message: str, since: float = t, got: list[Any] = records) -> list[float]:
                         return sorted(
