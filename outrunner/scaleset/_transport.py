@@ -26,17 +26,22 @@ connection of the pool on each request, quadratically when many are busy or idle
 loopback, 200 sessions whose polls ended together cost 130 ms of CPU per poll in one pool, 2 ms
 with a pool per session.
 
-Every pool connects through asyncio's own transports (:mod:`outrunner.scaleset._network`), not
-anyio's streams: about 40 % less CPU per request.
+Every pool sends its direct requests through :mod:`outrunner.scaleset._http11` (HTTP/1.1 on
+asyncio's transports and h11) instead of httpcore's pool: about half the CPU per request. Proxied
+requests go through httpx's own transport, connected through asyncio's transports
+(:mod:`outrunner.scaleset._network`) instead of anyio's streams.
 """
 
 from __future__ import annotations
 
+import http.client
+import http.cookiejar
 import importlib.metadata
 import json
 import logging
 import re
 import ssl
+import urllib.request
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -46,6 +51,7 @@ import httpx
 import truststore
 
 from outrunner.scaleset import retry
+from outrunner.scaleset._http11 import Http11Transport, use_http11_transport
 from outrunner.scaleset._network import use_asyncio_network
 from outrunner.scaleset._pool import MAX_SHARDS, SHARD_CONNECTIONS, ClientPool
 from outrunner.scaleset.auth import (
@@ -97,6 +103,20 @@ SESSION_LIMITS = httpx.Limits(
     keepalive_expiry=KEEPALIVE_EXPIRY,
 )
 """Limits of a message session's own pool (:class:`SessionPool`)."""
+
+
+class _NoCookies(http.cookiejar.CookieJar):
+    """A cookie jar that keeps nothing. The Go client's ``http.Client`` has no jar, so cookies the
+    API sets are never sent back; httpx's default jar would keep them, and parses every response
+    for them (4 % of outrunner's CPU at 1,000 runners, ``docs/performance.md``)."""
+
+    def extract_cookies(
+        self, response: http.client.HTTPResponse, request: urllib.request.Request
+    ) -> None:
+        pass
+
+    def set_cookie(self, cookie: http.cookiejar.Cookie) -> None:
+        pass
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -187,6 +207,11 @@ class Transport:
         self._system_info = system_info
         self._user_agent = user_agent(system_info)
         context, self._trust = tls_context(verify)
+        self._ssl = (
+            context
+            if isinstance(context, ssl.SSLContext)
+            else httpx.create_ssl_context(verify=False)
+        )
         self._open_http = partial(
             httpx.AsyncClient,
             proxy=proxy,  # None: HTTP(S)_PROXY, ALL_PROXY and NO_PROXY from the environment
@@ -194,6 +219,7 @@ class Transport:
             transport=transport,
             timeout=httpx.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT)),
             follow_redirects=True,  # like Go's http.Client, which the Go library uses
+            cookies=_NoCookies(),  # nor does it keep cookies
             max_redirects=MAX_REDIRECTS,
         )
         # A transport given by the caller makes its own connections: sessions share the client's
@@ -232,7 +258,13 @@ class Transport:
     def _new_http(self, limits: httpx.Limits) -> httpx.AsyncClient:
         http = self._open_http(limits=limits)
         if not self._shared_only:
-            use_asyncio_network(http)
+            use_asyncio_network(http)  # the proxies' pools
+            direct = Http11Transport(
+                self._ssl,
+                max_connections=limits.max_connections or SHARD_CONNECTIONS,
+                keepalive_expiry=limits.keepalive_expiry or KEEPALIVE_EXPIRY,
+            )
+            use_http11_transport(http, direct)
         return http
 
     def _new_session_http(self) -> httpx.AsyncClient | None:
