@@ -4,9 +4,10 @@ The benchmark measures outrunner's process alone, so the "environments" of its i
 must not run their runner agents there. :class:`AgentPoolProvisioner` is an
 :class:`~outrunner.testing.InMemoryProvisioner` (the whole provisioner contract) whose workload
 hands the runner's JIT config to the agent pool, a separate process
-(``python -m bench._agents --socket PATH``), over a Unix socket, and returns when that runner's
-agent has exited. The pool runs :func:`outrunner.testing.agent.run_agent` for each runner: it
-connects to the fake over HTTP, takes a job, "runs" it and reports it, as a real runner does.
+(``python -m bench._agents --socket PATH``), over a Unix socket, and ends the environment when
+that runner's agent has exited. The pool runs :func:`outrunner.testing.agent.run_agent` for each
+runner: it connects to the fake over HTTP, takes a job, "runs" it and reports it, as a real
+runner does.
 
 Wire format, one line each way: ``start <name> <jit>`` / ``stop <name>`` to the pool,
 ``exit <name> <ok|error|stopped>`` back.
@@ -20,6 +21,7 @@ import contextlib
 import json
 import os
 import sys
+from collections.abc import Callable, Collection
 
 import httpx
 
@@ -39,7 +41,8 @@ class AgentPool:
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._connecting = asyncio.Lock()
-        self._exits: dict[str, asyncio.Future[str]] = {}
+        self._exits: dict[str, Callable[[], None]] = {}
+        """Name -> what to call when that runner's agent exits."""
 
     async def _connect(self) -> asyncio.StreamWriter:
         async with self._connecting:
@@ -51,26 +54,29 @@ class AgentPool:
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         while line := await reader.readline():
-            _, name, outcome = line.decode().split()
-            future = self._exits.pop(name, None)
-            if future is not None and not future.done():
-                future.set_result(outcome)
-        for future in self._exits.values():  # the pool went away: every agent is gone
-            if not future.done():
-                future.set_result("lost")
+            _, name, _outcome = line.decode().split()
+            exited = self._exits.pop(name, None)
+            if exited is not None:
+                exited()
+        exits, self._exits = self._exits, {}
+        for exited in exits.values():  # the pool went away: every agent is gone
+            exited()
 
-    async def run(self, request: RunnerRequest) -> str:
-        """Start the runner's agent in the pool; return how it ended. Cancelling stops it."""
+    async def launch(self, request: RunnerRequest, exited: Callable[[], None]) -> None:
+        """Start the runner's agent in the pool; ``exited`` is called once it has ended.
+
+        A callback rather than a task waiting for the exit: a task per runner (its coroutines,
+        context and futures) would be a tenth of the objects each full garbage collection of
+        outrunner's process walks at 1,000 runners, and its stalls are measured.
+        """
         writer = await self._connect()
-        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._exits[request.name] = future
+        self._exits[request.name] = exited
         writer.write(f"start {request.name} {request.jit_config}\n".encode())
-        try:
-            return await future
-        finally:
-            if not future.done():  # cancelled: the environment is being stopped
-                self._exits.pop(request.name, None)
-                writer.write(f"stop {request.name}\n".encode())
+
+    def halt(self, name: str) -> None:
+        """Stop the runner's agent, if it is still running (its environment is removed)."""
+        if self._exits.pop(name, None) is not None and self._writer is not None:
+            self._writer.write(f"stop {name}\n".encode())
 
     async def close(self) -> None:
         if self._writer is not None:
@@ -87,7 +93,32 @@ class AgentPoolProvisioner(InMemoryProvisioner):
     """An in-memory environment per runner whose agent runs in the pool process."""
 
     def __init__(self, pool: AgentPool) -> None:
-        super().__init__(workload=pool.run)
+        super().__init__()
+        self._pool = pool
+
+    async def start(self, request: RunnerRequest) -> None:
+        await super().start(request)
+        try:
+            await self._pool.launch(request, self.environments[request.name].end)
+        except BaseException:
+            await super().stop(request.name)
+            raise
+
+    async def stop(self, name: str) -> None:
+        self._pool.halt(name)
+        await super().stop(name)
+
+    async def cleanup(self, prefix: str, *, keep: Collection[str] = ()) -> list[str]:
+        names = await super().cleanup(prefix, keep=keep)
+        for name in names:
+            self._pool.halt(name)
+        return names
+
+    async def close(self) -> None:
+        if not self.survive_close:
+            for name in self.environments:
+                self._pool.halt(name)
+        await super().close()
 
 
 # -- the pool process ------------------------------------------------------------------------
