@@ -31,6 +31,7 @@ reads them at once anyway (``retry.send``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from collections import deque
 from typing import Any, cast
@@ -49,6 +50,7 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self, key: tuple[bytes, bytes, int | None]) -> None:
         self.key = key
+        self.loop = asyncio.get_running_loop()
         self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
         self.transport: asyncio.Transport | None = None
         self.busy = True  # a connection is made for a request
@@ -94,13 +96,14 @@ class _Connection(asyncio.Protocol):
             self.h11.receive_data(b"")  # h11 tells a clean end from one mid-response
         _wake(self.waiter)
 
-    def reusable(self, now: float, expiry: float) -> bool:
+    def reusable(self, loop: asyncio.AbstractEventLoop, expiry: float) -> bool:
         return (
-            not self.stale
+            self.loop is loop  # a connection of an event loop that ended is of no use
+            and not self.stale
             and not self.ended
             and self.transport is not None
             and not self.transport.is_closing()
-            and now - self.idle_since < expiry
+            and loop.time() - self.idle_since < expiry
         )
 
     async def exchange(self, request: httpx.Request, timeouts: dict[str, Any]) -> httpx.Response:
@@ -277,7 +280,7 @@ class Http11Transport(httpx.AsyncBaseTransport):
             idle = self._idle.get(key)
             while idle:
                 connection = idle.pop()
-                if connection.reusable(loop.time(), self._expiry):
+                if connection.reusable(loop, self._expiry):
                     connection.busy = True
                     return connection
                 self._drop(connection)
@@ -362,11 +365,12 @@ class Http11Transport(httpx.AsyncBaseTransport):
         idle = self._idle.get(connection.key)
         if idle and connection in idle:
             idle.remove(connection)
-        if connection.transport is not None:
-            if abort:
-                connection.transport.abort()
-            else:
-                connection.transport.close()
+        transport = connection.transport
+        if transport is not None:
+            # The loop of a connection left from an earlier asyncio.run() is closed: the socket
+            # is then closed when the transport is collected.
+            with contextlib.suppress(RuntimeError):
+                transport.abort() if abort else transport.close()
         self._wake_next()
 
 

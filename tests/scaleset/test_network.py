@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import http.server
 import ssl
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -540,3 +542,39 @@ async def test_cookies_the_server_sets_are_not_sent_back(
         await client.aclose()
     assert len(heads) == 2
     assert b"cookie:" not in heads[1]  # as the Go client, which has no cookie jar
+
+
+def test_a_transport_outlives_its_event_loop() -> None:
+    """Connections opened under one ``asyncio.run()`` are not reused under the next (their loop
+    is closed); the transport opens new ones."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive
+
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    transport = http11()
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+
+    async def get() -> str:
+        http = httpx.AsyncClient(transport=transport)
+        return (await http.get(url)).text  # the client is not closed: it would close the pool
+
+    try:
+        assert asyncio.run(get()) == "ok"
+        assert transport.connections == 1
+        assert asyncio.run(get()) == "ok"
+        assert transport.connections == 1  # the first loop's connection was dropped
+    finally:
+        server.shutdown()
+        server.server_close()
