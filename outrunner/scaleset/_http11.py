@@ -13,11 +13,12 @@ errors, and proxies (a proxied URL goes through the transport httpx mounts for i
 ``use_asyncio_network`` sets up). What stays h11's: the protocol (framing, chunked bodies,
 keep-alive rules, validation). What is written here is the pool and the socket:
 
-* at most ``max_connections`` open (or opening) at once; requests beyond wait in turn for one,
-  within the request's ``pool`` timeout (:class:`httpx.PoolTimeout`);
-* an idle connection is reused, the most recent first, until ``keepalive_expiry`` seconds idle;
-  one that received anything while idle (an end of stream, a stray byte) is closed instead,
-  without a system call: the protocol saw it arrive;
+* at most ``max_connections`` open (or opening) at once; requests beyond wait for one, first
+  come first served, until the request's ``pool`` timeout from when it asked
+  (:class:`httpx.PoolTimeout`); an idle connection to another server is closed to make room;
+* an idle connection is reused, the most recent first; on every request, idle ones past
+  ``keepalive_expiry``, or that received anything while idle (an end of stream, a stray byte:
+  the protocol saw it arrive, no system call needed), are closed;
 * the request's ``connect`` timeout bounds TCP and TLS, ``read`` each wait for the server,
   ``write`` each wait for the socket to drain; errors are httpx's (``ConnectError``,
   ``ReadTimeout``, ``RemoteProtocolError``...), the original error as the cause;
@@ -127,10 +128,17 @@ class _Connection(asyncio.Protocol):
             try:
                 event = connection.next_event()
             except h11.RemoteProtocolError as exc:
-                raise self._read_error(str(exc)) from (self.error or exc)
+                text = str(exc)
+                if self.ended and response is None:  # h11 words it as a state error
+                    text = "Server disconnected without sending a response."
+                raise self._read_error(text) from (self.error or exc)
             if event is h11.NEED_DATA:
                 await self._readable(read_timeout)
                 continue
+            if event is h11.PAUSED:
+                # 101 Switching Protocols (or a CONNECT's answer): h11 hands the connection
+                # over; this transport speaks nothing else, and waiting would never end.
+                raise httpx.RemoteProtocolError("the server switched protocols")
             kind = type(event)
             if kind is h11.Data:
                 body.append(cast(h11.Data, event).data)
@@ -236,7 +244,9 @@ class Http11Transport(httpx.AsyncBaseTransport):
         self._idle: dict[tuple[bytes, bytes, int | None], list[_Connection]] = {}
         self._open: set[_Connection] = set()
         self._opening = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._waiters: deque[asyncio.Future[bool]] = deque()
+        """Requests waiting for a connection, first come first served: True when woken, False
+        when their pool timeout passed."""
         self._closed = False
 
     @property
@@ -260,8 +270,7 @@ class Http11Transport(httpx.AsyncBaseTransport):
         for connection in list(self._open):
             self._drop(connection, abort=True)
         for waiter in self._waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+            _wake(waiter)
 
     async def _acquire(self, url: httpx.URL, timeouts: dict[str, Any]) -> _Connection:
         if url.scheme not in ("http", "https"):  # as httpcore words it
@@ -274,53 +283,73 @@ class Http11Transport(httpx.AsyncBaseTransport):
             raise httpx.UnsupportedProtocol("Request URL is missing a host.")
         key = (url.raw_scheme, url.raw_host, url.port)
         loop = asyncio.get_running_loop()
+        timeout: float | None = timeouts.get("pool")
+        deadline = None if timeout is None else loop.time() + timeout
+        waited = False
         while True:
             if self._closed:
                 raise RuntimeError("the connection pool is closed")
+            self._sweep(loop)
             idle = self._idle.get(key)
-            while idle:
+            if idle:
                 connection = idle.pop()
-                if connection.reusable(loop, self._expiry):
-                    connection.busy = True
-                    return connection
-                self._drop(connection)
-            if self.connections >= self._max:
-                # Full: an idle connection to another server makes room, else wait for one.
-                other = next((rest for rest in self._idle.values() if rest), None)
-                if other is not None:
-                    self._drop(other[0])
-                else:
-                    await self._wait_turn(timeouts.get("pool"))
+                connection.busy = True
+                return connection
+            if self.connections < self._max:
+                return await self._connect(url, timeouts.get("connect"))
+            # Full: an idle connection to another server makes room, else wait for a turn.
+            other = next((rest for rest in self._idle.values() if rest), None)
+            if other is not None:
+                self._drop(other[0], wake=False)  # the room is this request's
                 continue
-            return await self._connect(url, timeouts.get("connect"))
+            # A request woken before finds its turn taken only by a newcomer: it goes back to
+            # the head of the queue, with the deadline it started with.
+            await self._wait_turn(deadline, timeout, first=waited)
+            waited = True
 
-    async def _wait_turn(self, timeout: float | None) -> None:
-        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(turn)
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Close idle connections past their expiry, or that the server closed or wrote to."""
+        for idle in self._idle.values():
+            for connection in [c for c in idle if not c.reusable(loop, self._expiry)]:
+                self._drop(connection)
+
+    async def _wait_turn(self, deadline: float | None, timeout: float | None, first: bool) -> None:
+        loop = asyncio.get_running_loop()
+        turn: asyncio.Future[bool] = loop.create_future()
+        if first:
+            self._waiters.appendleft(turn)
+        else:
+            self._waiters.append(turn)
+        # A timer that resolves the same future as a wake-up: which came first is decided once.
+        timer = None if deadline is None else loop.call_at(deadline, _expire, turn)
         try:
-            async with asyncio.timeout(timeout):
-                await turn
-        except TimeoutError as exc:
-            raise httpx.PoolTimeout(f"no connection free within {timeout} s") from exc
+            woken = await turn
         except BaseException:
-            if turn.done() and not turn.cancelled():
+            if turn.done() and not turn.cancelled() and turn.result():
                 self._wake_next()  # this turn came but is not taken: pass it on
             raise
         finally:
-            if not turn.done():
-                self._waiters.remove(turn)
+            if timer is not None:
+                timer.cancel()
+            if not (turn.done() and not turn.cancelled() and turn.result()):
+                with contextlib.suppress(ValueError):  # still queued: no longer waiting
+                    self._waiters.remove(turn)
+        if not woken:
+            raise httpx.PoolTimeout(f"no connection free within {timeout} s")
 
     def _wake_next(self) -> None:
         while self._waiters:
             turn = self._waiters.popleft()
             if not turn.done():
-                turn.set_result(None)
+                turn.set_result(True)
                 return
 
     async def _connect(self, url: httpx.URL, timeout: float | None) -> _Connection:
         key = (url.raw_scheme, url.raw_host, url.port)
         secure = url.scheme == "https"
-        host = url.host
+        # The IDNA form httpx encoded, as the Host header names it (the str form would be encoded
+        # again by the socket layer, with the older IDNA rules).
+        host = url.raw_host.decode("ascii")
         port = url.port or (443 if secure else 80)
         loop = asyncio.get_running_loop()
         self._opening += 1
@@ -349,6 +378,8 @@ class Http11Transport(httpx.AsyncBaseTransport):
         return connection
 
     def _release(self, connection: _Connection) -> None:
+        if connection not in self._open:  # dropped meanwhile (the pool closed)
+            return
         if not connection.finished_cleanly():
             self._drop(connection)
             return
@@ -358,7 +389,7 @@ class Http11Transport(httpx.AsyncBaseTransport):
         self._idle.setdefault(connection.key, []).append(connection)
         self._wake_next()
 
-    def _drop(self, connection: _Connection, *, abort: bool = False) -> None:
+    def _drop(self, connection: _Connection, *, abort: bool = False, wake: bool = True) -> None:
         if connection not in self._open:
             return
         self._open.discard(connection)
@@ -371,7 +402,8 @@ class Http11Transport(httpx.AsyncBaseTransport):
             # is then closed when the transport is collected.
             with contextlib.suppress(RuntimeError):
                 transport.abort() if abort else transport.close()
-        self._wake_next()
+        if wake:
+            self._wake_next()
 
 
 def use_http11_transport(client: httpx.AsyncClient, transport: Http11Transport) -> bool:

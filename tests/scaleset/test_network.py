@@ -257,7 +257,7 @@ async def test_a_server_that_hangs_up_mid_request_is_a_transport_error(
 
     server = await serve(hang_up)
     async with fast_client() as http:
-        with pytest.raises(httpx.RemoteProtocolError):
+        with pytest.raises(httpx.RemoteProtocolError, match="Server disconnected"):
             await http.get(f"{server.url}/")
 
 
@@ -578,3 +578,46 @@ def test_a_transport_outlives_its_event_loop() -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+async def test_waiting_requests_get_connections_in_the_order_they_asked(
+    serve: Callable[[Handler], Awaitable[Server]],
+) -> None:
+    handler, release, arrived = held_server()
+    server = await serve(handler)
+    async with httpx.AsyncClient(transport=http11(max_connections=1)) as http:
+        first = asyncio.create_task(http.get(f"{server.url}/0"))
+        await until(lambda: len(arrived) == 1)
+        waiting = []
+        for i in range(1, 6):
+            waiting.append(asyncio.create_task(http.get(f"{server.url}/{i}")))
+            await asyncio.sleep(0.01)
+        release.set()
+        replies = await asyncio.gather(first, *waiting)
+    assert [reply.status_code for reply in replies] == [200] * 6
+    assert [head.split(b" ")[1] for head in arrived] == [f"/{i}".encode() for i in range(6)]
+
+
+async def test_idle_connections_past_their_expiry_are_closed_by_any_request(
+    serve: Callable[[Handler], Awaitable[Server]],
+) -> None:
+    one, other = await serve(ok), await serve(ok)
+    transport = http11(keepalive_expiry=0.05)
+    async with httpx.AsyncClient(transport=transport) as http:
+        assert (await http.get(f"{one.url}/")).status_code == 200
+        await asyncio.sleep(0.1)
+        assert (await http.get(f"{other.url}/")).status_code == 200
+        assert transport.connections == 1  # the first server's is closed, not kept
+
+
+async def test_a_server_switching_protocols_is_an_error_not_a_hang(
+    serve: Callable[[Handler], Awaitable[Server]],
+) -> None:
+    async def switch(head: bytes, body: bytes) -> bytes:
+        return b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: other\r\nConnection: Upgrade\r\n\r\n"
+
+    server = await serve(switch)
+    upgrade = {"Upgrade": "other", "Connection": "Upgrade"}
+    async with httpx.AsyncClient(transport=http11()) as http, asyncio.timeout(5):
+        with pytest.raises(httpx.RemoteProtocolError, match="switched protocols"):
+            await http.get(f"{server.url}/", headers=upgrade)
