@@ -397,6 +397,29 @@ def held_server() -> tuple[Handler, asyncio.Event, list[bytes]]:
     return held, release, arrived
 
 
+@dataclass
+class Held:
+    """A server whose only connection from the client is taken by a held request ``/first``."""
+
+    server: Server
+    release: asyncio.Event
+    arrived: list[bytes]
+    first: asyncio.Task[httpx.Response]
+
+    def paths(self) -> list[bytes]:
+        return [head.split(b" ")[1] for head in self.arrived]
+
+
+async def hold_the_connection(
+    serve: Callable[[Handler], Awaitable[Server]], http: httpx.AsyncClient
+) -> Held:
+    handler, release, arrived = held_server()
+    server = await serve(handler)
+    first = asyncio.create_task(http.get(f"{server.url}/first"))
+    await until(lambda: len(arrived) == 1)
+    return Held(server, release, arrived, first)
+
+
 async def until(condition: Callable[[], bool]) -> None:
     async with asyncio.timeout(5):
         while not condition():
@@ -425,37 +448,31 @@ async def test_requests_beyond_the_connection_limit_wait_their_turn(
 async def test_no_connection_free_within_the_pool_timeout_is_a_pool_timeout(
     serve: Callable[[Handler], Awaitable[Server]],
 ) -> None:
-    handler, release, arrived = held_server()
-    server = await serve(handler)
     timeout = httpx.Timeout(5.0, pool=0.1)
     async with httpx.AsyncClient(transport=http11(max_connections=1), timeout=timeout) as http:
-        first = asyncio.create_task(http.get(f"{server.url}/first"))
-        await until(lambda: len(arrived) == 1)
+        held = await hold_the_connection(serve, http)
         with pytest.raises(httpx.PoolTimeout):
-            await http.get(f"{server.url}/second")
-        release.set()
-        assert (await first).status_code == 200
+            await http.get(f"{held.server.url}/second")
+        held.release.set()
+        assert (await held.first).status_code == 200
 
 
 async def test_a_cancelled_wait_for_a_connection_passes_the_turn_on(
     serve: Callable[[Handler], Awaitable[Server]],
 ) -> None:
-    handler, release, arrived = held_server()
-    server = await serve(handler)
     async with httpx.AsyncClient(transport=http11(max_connections=1)) as http:
-        first = asyncio.create_task(http.get(f"{server.url}/first"))
-        await until(lambda: len(arrived) == 1)
-        second = asyncio.create_task(http.get(f"{server.url}/second"))
-        third = asyncio.create_task(http.get(f"{server.url}/third"))
+        held = await hold_the_connection(serve, http)
+        second = asyncio.create_task(http.get(f"{held.server.url}/second"))
+        third = asyncio.create_task(http.get(f"{held.server.url}/third"))
         await asyncio.sleep(0.05)
         second.cancel()
-        release.set()
-        assert (await first).status_code == 200
+        held.release.set()
+        assert (await held.first).status_code == 200
         assert (await third).status_code == 200
         with pytest.raises(asyncio.CancelledError):
             await second
-    assert [head.split(b" ")[1] for head in arrived] == [b"/first", b"/third"]
-    assert server.accepted == 1
+    assert held.paths() == [b"/first", b"/third"]
+    assert held.server.accepted == 1
 
 
 async def test_an_idle_connection_past_its_expiry_is_not_reused(
@@ -583,19 +600,16 @@ def test_a_transport_outlives_its_event_loop() -> None:
 async def test_waiting_requests_get_connections_in_the_order_they_asked(
     serve: Callable[[Handler], Awaitable[Server]],
 ) -> None:
-    handler, release, arrived = held_server()
-    server = await serve(handler)
     async with httpx.AsyncClient(transport=http11(max_connections=1)) as http:
-        first = asyncio.create_task(http.get(f"{server.url}/0"))
-        await until(lambda: len(arrived) == 1)
+        held = await hold_the_connection(serve, http)
         waiting = []
         for i in range(1, 6):
-            waiting.append(asyncio.create_task(http.get(f"{server.url}/{i}")))
+            waiting.append(asyncio.create_task(http.get(f"{held.server.url}/{i}")))
             await asyncio.sleep(0.01)
-        release.set()
-        replies = await asyncio.gather(first, *waiting)
+        held.release.set()
+        replies = await asyncio.gather(held.first, *waiting)
     assert [reply.status_code for reply in replies] == [200] * 6
-    assert [head.split(b" ")[1] for head in arrived] == [f"/{i}".encode() for i in range(6)]
+    assert held.paths() == [b"/first"] + [f"/{i}".encode() for i in range(1, 6)]
 
 
 async def test_idle_connections_past_their_expiry_are_closed_by_any_request(
