@@ -222,6 +222,11 @@ def _expire(waiter: asyncio.Future[bool]) -> None:
         waiter.set_result(False)
 
 
+def _granted(turn: asyncio.Future[bool]) -> bool:
+    """A wait for a connection was woken (not expired, not cancelled)."""
+    return turn.done() and not turn.cancelled() and turn.result()
+
+
 class Http11Transport(httpx.AsyncBaseTransport):
     """An httpx transport speaking HTTP/1.1 over direct connections (see the module docstring).
 
@@ -296,7 +301,7 @@ class Http11Transport(httpx.AsyncBaseTransport):
                 connection.busy = True
                 return connection
             if self.connections < self._max:
-                return await self._connect(url, timeouts.get("connect"))
+                return await self._connect(key, url, timeouts.get("connect"))
             # Full: an idle connection to another server makes room, else wait for a turn.
             other = next((rest for rest in self._idle.values() if rest), None)
             if other is not None:
@@ -325,14 +330,14 @@ class Http11Transport(httpx.AsyncBaseTransport):
         try:
             woken = await turn
         except BaseException:
-            if turn.done() and not turn.cancelled() and turn.result():
+            if _granted(turn):
                 self._wake_next()  # this turn came but is not taken: pass it on
             raise
         finally:
             if timer is not None:
                 timer.cancel()
-            if not (turn.done() and not turn.cancelled() and turn.result()):
-                with contextlib.suppress(ValueError):  # still queued: no longer waiting
+            if not _granted(turn):  # expired or cancelled: _wake_next has not taken it out
+                with contextlib.suppress(ValueError):
                     self._waiters.remove(turn)
         if not woken:
             raise httpx.PoolTimeout(f"no connection free within {timeout} s")
@@ -344,8 +349,9 @@ class Http11Transport(httpx.AsyncBaseTransport):
                 turn.set_result(True)
                 return
 
-    async def _connect(self, url: httpx.URL, timeout: float | None) -> _Connection:
-        key = (url.raw_scheme, url.raw_host, url.port)
+    async def _connect(
+        self, key: tuple[bytes, bytes, int | None], url: httpx.URL, timeout: float | None
+    ) -> _Connection:
         secure = url.scheme == "https"
         # The IDNA form httpx encoded, as the Host header names it (the str form would be encoded
         # again by the socket layer, with the older IDNA rules).
