@@ -881,21 +881,26 @@ async def test_a_compaction_while_a_sync_runs_keeps_the_file_right(
 ) -> None:
     names = [f"linux-{n}" for n in range(4)]
     syncs.release = threading.Event()
+    temp = tmp_path / (JOURNAL_FILE + ".tmp")
     with Journal.open(tmp_path) as journal:
         journal.record(entry(names[0], runner_id=1))
         first = asyncio.ensure_future(journal.sync())  # a waiter: the flusher's round starts now
         while not syncs.entered.is_set():  # the flusher's sync has begun, and is held
             await asyncio.sleep(0.001)
-        # 64 more records compact the file: its descriptor is closed and replaced while the
-        # thread syncs a duplicate of it.
+        # 64 more records start a compaction: its file is written now, and installed (synced,
+        # renamed over the journal) by the flusher's next round, while the thread still syncs a
+        # duplicate of the old descriptor.
         for n in range(2, 66):
             journal.record(entry(names[n % 4], runner_id=n))
-        assert len(lines_of(tmp_path)) == 4  # compacted: the 65th record was one too many
-        assert returns_at_once(journal)  # the compaction fsynced everything
-        journal.record(entry(names[0], runner_id=99))
+        assert len(lines_of(tmp_path)) == 65  # the old file is still the journal, complete
+        assert len(temp.read_bytes().splitlines()) == 4
+        journal.record(entry(names[0], runner_id=99))  # appended to both files
         syncs.release.set()
         await journal.sync()
         await first
+        assert not temp.exists()
+        assert len(lines_of(tmp_path)) == 5  # the compacted file, and the append after it
+        assert returns_at_once(journal)
         assert syncs.errors == []
         assert syncs.sizes[-1] == journal.path.stat().st_size
         expected = journal.entries()
@@ -907,6 +912,173 @@ async def test_a_compaction_while_a_sync_runs_keeps_the_file_right(
         ("linux-3", 63),
         ("linux-1", 65),
     ]
+
+
+class Calls:
+    """Wraps a function and notes the thread of each call."""
+
+    def __init__(self, real: Callable[..., object]) -> None:
+        self.real = real
+        self.threads: list[int] = []
+
+    def __call__(self, *args: object) -> object:
+        self.threads.append(threading.get_ident())
+        return self.real(*args)
+
+
+@pytest.mark.anyio
+async def test_a_compaction_on_a_loop_syncs_and_renames_in_the_sync_thread(
+    tmp_path: Path, syncs: Syncs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With a thousand runners a compaction's file and directory fsyncs held the event loop (and
+    # every runner on it) for the disk's latency: 105 ms in one benchmark run.
+    fsync_dir = Calls(journal_module._fsync_dir)
+    fsync = Calls(os.fsync)
+    replace = Calls(os.replace)
+    monkeypatch.setattr(journal_module, "_fsync_dir", fsync_dir)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    loop_thread = threading.get_ident()
+    with Journal.open(tmp_path) as journal:
+        opened = (len(fsync.threads), len(replace.threads), len(fsync_dir.threads))
+        for round_ in range(5):  # five compactions, each with records during and after it
+            for n in range(70):
+                journal.record(entry(f"linux-{n % 5}", runner_id=round_ * 100 + n))
+                if n == 66:
+                    journal.forget("linux-4")
+            await journal.sync()
+            assert returns_at_once(journal)
+        expected = journal.entries()
+    calls = (
+        fsync.threads[opened[0] :]
+        + replace.threads[opened[1] :]
+        + fsync_dir.threads[opened[2] :]
+        + syncs.threads
+    )
+    assert len(replace.threads) - opened[1] >= 5  # every round compacted at least once
+    assert loop_thread not in calls
+    assert not (tmp_path / (JOURNAL_FILE + ".tmp")).exists()
+    with Journal.open(tmp_path, durable=False) as journal:
+        assert (journal.entries(), journal.problems) == (expected, ())
+    assert [e.runner_id for e in expected] == [465, 466, 467, 468, 469]
+
+
+@pytest.mark.anyio
+async def test_close_while_the_thread_installs_a_compaction_keeps_every_record(
+    tmp_path: Path, syncs: Syncs
+) -> None:
+    journal = Journal.open(tmp_path)
+    for n in range(65):  # the 65th record starts a compaction
+        journal.record(entry(f"linux-{n % 4}", runner_id=n + 1))
+    syncs.release = threading.Event()
+    waiter = asyncio.ensure_future(journal.sync())
+    while not syncs.entered.is_set():  # the thread syncs the compacted file, held there
+        await asyncio.sleep(0.001)
+    journal.record(entry("linux-9", runner_id=99))  # written to both files meanwhile
+    threading.Timer(0.2, syncs.release.set).start()
+    journal.close()  # waits for the thread, then takes the renamed file as the journal
+    await waiter
+    assert syncs.errors == []
+    assert not (tmp_path / (JOURNAL_FILE + ".tmp")).exists()
+    assert len(lines_of(tmp_path)) == 5
+    with Journal.open(tmp_path, durable=False) as reopened:
+        assert [(e.name, e.runner_id) for e in reopened.entries()] == [
+            ("linux-0", 65),
+            ("linux-1", 62),
+            ("linux-2", 63),
+            ("linux-3", 64),
+            ("linux-9", 99),
+        ]
+
+
+def test_a_compaction_left_pending_by_an_ended_loop_is_dropped(
+    tmp_path: Path, syncs: Syncs
+) -> None:
+    journal = Journal.open(tmp_path)
+
+    async def records() -> None:
+        for n in range(65):  # starts a compaction; the flusher's lazy wait is cut by the end
+            journal.record(entry(f"linux-{n % 4}", runner_id=n + 1))
+
+    asyncio.run(records())
+    temp = tmp_path / (JOURNAL_FILE + ".tmp")
+    assert temp.exists()
+    # No loop: the pending compaction goes, and this record, past the threshold, compacts inline.
+    journal.record(entry("linux-9", runner_id=99))
+    assert not temp.exists()
+    assert len(lines_of(tmp_path)) == 5
+    journal.close()
+    with Journal.open(tmp_path, durable=False) as reopened:
+        assert [e.runner_id for e in reopened.entries()] == [65, 62, 63, 64, 99]
+
+
+@pytest.mark.anyio
+async def test_a_compaction_whose_file_cannot_be_written_is_dropped_and_logged(
+    tmp_path: Path, syncs: Syncs, caplog: pytest.LogCaptureFixture
+) -> None:
+    with Journal.open(tmp_path) as journal:
+        for n in range(65):
+            journal.record(entry(f"linux-{n % 4}", runner_id=n + 1))
+        compaction = journal._compaction
+        assert compaction is not None
+        full = os.open("/dev/full", os.O_WRONLY)
+        os.dup2(full, compaction.fd)  # appends to the compacted file now fail with ENOSPC
+        os.close(full)
+        journal.record(entry("linux-9", runner_id=99))
+        assert "Cannot rewrite the runner journal; appending to it as it is" in caplog.text
+        await journal.sync()
+        assert journal._compaction is None
+        assert not (tmp_path / (JOURNAL_FILE + ".tmp")).exists()
+        assert len(lines_of(tmp_path)) == 66  # the old file, every record in it
+        assert syncs.sizes[-1] == journal.path.stat().st_size
+        journal.record(entry("linux-9", runner_id=100))  # past the threshold: compacts again
+        await journal.sync()
+        assert len(lines_of(tmp_path)) == 5
+    with Journal.open(tmp_path, durable=False) as reopened:
+        assert [e.runner_id for e in reopened.entries()] == [65, 62, 63, 64, 100]
+
+
+CRASH_IN_COMPACTION = """
+import asyncio, os, sys
+import outrunner.journal as journal_module
+from outrunner.journal import Journal, JournalEntry
+
+where = sys.argv[2]
+
+async def main() -> None:
+    journal = Journal.open(sys.argv[1], durable=True)
+    if where == "after-rename":
+        journal_module._fsync_dir = lambda path: os._exit(9)  # in the sync thread, after rename
+    for i in range(65):  # the 65th record starts a compaction
+        journal.record(JournalEntry(scale_set="linux", name=f"linux-{i % 4}", runner_id=i + 1))
+    journal.record(JournalEntry(scale_set="linux", name="linux-9", runner_id=99))
+    journal.forget("linux-0")
+    if where == "pending":
+        os._exit(9)  # before the flusher's round: the temp file is written, not renamed
+    await journal.sync()
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("where", ["pending", "after-rename"])
+def test_a_crash_during_a_compaction_on_a_loop_loses_no_record(tmp_path: Path, where: str) -> None:
+    child = subprocess.run(
+        [sys.executable, "-c", CRASH_IN_COMPACTION, str(tmp_path), where], cwd=REPO, check=False
+    )
+    assert child.returncode == 9
+    temp = tmp_path / (JOURNAL_FILE + ".tmp")
+    assert temp.exists() == (where == "pending")
+    assert len(lines_of(tmp_path)) == (67 if where == "pending" else 6)
+    with Journal.open(tmp_path, durable=False) as journal:
+        assert journal.problems == ()
+        assert [(e.name, e.runner_id) for e in journal.entries()] == [
+            ("linux-1", 62),
+            ("linux-2", 63),
+            ("linux-3", 64),
+            ("linux-9", 99),
+        ]
+    assert not temp.exists()
 
 
 # ---------------------------------------------------------------------------------------------
