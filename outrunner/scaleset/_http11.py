@@ -33,14 +33,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import ssl
 from collections import deque
+from collections.abc import Mapping
 from typing import Any, cast
 
 import h11
 import httpx
 
-__all__ = ["Http11Transport", "use_http11_transport"]
+__all__ = ["DirectSender", "Http11Transport", "send_direct", "use_http11_transport"]
+
+_httpx_log = logging.getLogger("httpx")
+# send_direct uses three of httpx's private methods (present from 0.18 to 0.28); a release without
+# them turns it into plain client.send, slower but the same.
+_SHORT_WAY = all(
+    hasattr(httpx.AsyncClient, name)
+    for name in ("_transport_for_url", "_build_redirect_request", "_send_handling_redirects")
+)
 
 MAX_HEAD_BYTES = 100 * 1024
 """The largest response head accepted (httpcore's limit too)."""
@@ -424,3 +434,75 @@ def use_http11_transport(client: httpx.AsyncClient, transport: Http11Transport) 
         return False
     client._transport = transport
     return True
+
+
+async def send_direct(client: httpx.AsyncClient, request: httpx.Request) -> httpx.Response:
+    """``client.send(request)``, its body read, taking a short way for a direct request.
+
+    httpx's ``send`` walks every request through its auth flow, event hooks, redirect loop and
+    cookie jar, which for this package's requests have nothing to do (no auth or hooks on the
+    client, no jar: ``_transport.py``), yet were a tenth of outrunner's CPU at 1,000 runners
+    (``docs/performance.md``). So a request whose transport is an :class:`Http11Transport`
+    goes to it directly; its response gets what httpx's ``send`` would give it (its request, its
+    body read). A redirect goes back to httpx's redirect loop, with this response as the first of
+    its history (so ``max_redirects`` counts the same). Anything else (a proxied URL, a client
+    with auth, hooks or no redirects, user info in the URL) takes ``client.send`` all the way.
+    """
+    if not _SHORT_WAY:
+        return await client.send(request)
+    transport = client._transport_for_url(request.url)
+    if (
+        not isinstance(transport, Http11Transport)
+        or client.auth is not None
+        or client.event_hooks["request"]
+        or client.event_hooks["response"]
+        or request.url.userinfo
+        or client.is_closed
+        or not client.follow_redirects
+    ):
+        return await client.send(request)
+    try:
+        response = await transport.handle_async_request(request)
+    except httpx.RequestError as exc:
+        exc.request = request  # as httpx's request_context() sets it
+        raise
+    response.request = request
+    if _httpx_log.isEnabledFor(logging.INFO):  # the line httpx's send logs for each request
+        _httpx_log.info(
+            'HTTP Request: %s %s "%s %d %s"',
+            request.method,
+            request.url,
+            response.http_version,
+            response.status_code,
+            response.reason_phrase,
+        )
+    try:
+        await response.aread()
+        if response.has_redirect_location:
+            redirect = client._build_redirect_request(request, response)
+            response = await client._send_handling_redirects(
+                redirect, follow_redirects=True, history=[response]
+            )
+            await response.aread()
+    except BaseException:
+        await response.aclose()
+        raise
+    return response
+
+
+class DirectSender:
+    """An httpx client as a :class:`outrunner.scaleset.retry.Sender` that sends through
+    :func:`send_direct`."""
+
+    __slots__ = ("http",)
+
+    def __init__(self, http: httpx.AsyncClient) -> None:
+        self.http = http
+
+    def build_request(
+        self, method: str, url: str, *, headers: Mapping[str, str], content: bytes | None
+    ) -> httpx.Request:
+        return self.http.build_request(method, url, headers=headers, content=content)
+
+    async def send(self, request: httpx.Request) -> httpx.Response:
+        return await send_direct(self.http, request)

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import httpx
 
+from outrunner.scaleset._http11 import send_direct
+
 __all__ = ["MAX_SHARDS", "SHARD_CONNECTIONS", "ClientPool"]
 
 SHARD_CONNECTIONS = 4
@@ -91,7 +93,7 @@ class ClientPool:
         shard = self._pick()
         shard.in_flight += 1
         try:
-            return await shard.http.send(request)
+            return await send_direct(shard.http, request)
         finally:
             shard.in_flight -= 1
             shard.used_at = self._clock()

@@ -51,7 +51,7 @@ import httpx
 import truststore
 
 from outrunner.scaleset import retry
-from outrunner.scaleset._http11 import Http11Transport, use_http11_transport
+from outrunner.scaleset._http11 import DirectSender, Http11Transport, use_http11_transport
 from outrunner.scaleset._network import use_asyncio_network
 from outrunner.scaleset._pool import MAX_SHARDS, SHARD_CONNECTIONS, ClientPool
 from outrunner.scaleset.auth import (
@@ -365,6 +365,7 @@ class SessionPool:
     def __init__(self, transport: Transport) -> None:
         self._transport = transport
         self._http: httpx.AsyncClient | None = None
+        self._sender: DirectSender | None = None
 
     @property
     def is_open(self) -> bool:
@@ -382,12 +383,13 @@ class SessionPool:
         """:meth:`Transport.send` through this pool."""
         if self._http is None:
             self._http = self._transport._new_session_http()
+            self._sender = None if self._http is None else DirectSender(self._http)
         return await self._transport.send(
-            method, url, headers=headers, content=content, via=self._http
+            method, url, headers=headers, content=content, via=self._sender
         )
 
     async def aclose(self) -> None:
         """Close the pool's connections; idempotent. A later request opens it again."""
-        http, self._http = self._http, None
+        http, self._http, self._sender = self._http, None, None
         if http is not None:
             await http.aclose()

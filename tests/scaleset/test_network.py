@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import http.server
+import logging
 import ssl
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,7 +22,7 @@ import httpx
 import pytest
 
 from outrunner.scaleset import Client
-from outrunner.scaleset._http11 import Http11Transport, use_http11_transport
+from outrunner.scaleset._http11 import Http11Transport, send_direct, use_http11_transport
 from outrunner.scaleset._network import AsyncioBackend, use_asyncio_network
 from outrunner.scaleset._pool import ClientPool
 from outrunner.scaleset._transport import SHARD_LIMITS
@@ -296,6 +297,81 @@ async def test_a_cancelled_request_leaves_the_pool_usable(
             await request
         assert (await http.get(f"{server.url}/fast")).status_code == 200
         slow.set()
+
+
+# -- send_direct: httpx's send without the layers that have nothing to do ------------------------
+
+
+async def test_send_direct_gives_what_httpx_send_gives(
+    serve: Callable[[Handler], Awaitable[Server]], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="httpx")
+    server = await serve(ok)
+    async with http11_client() as http:
+        request = http.build_request("POST", f"{server.url}/a", content=b"{}")
+        direct = await send_direct(http, request)
+        through_httpx = await http.send(http.build_request("POST", f"{server.url}/a"))
+    assert direct.request is request
+    assert (direct.status_code, direct.content, direct.json()) == (
+        200,
+        b'{"ok":true}',
+        {"ok": True},
+    )
+    assert direct.is_closed
+    lines = [r.getMessage() for r in caplog.records if r.name == "httpx"]
+    assert lines == [f'HTTP Request: POST {server.url}/a "HTTP/1.1 200 OK"'] * 2
+    assert through_httpx.content == direct.content
+
+
+async def test_send_direct_follows_redirects_as_httpx_does(
+    serve: Callable[[Handler], Awaitable[Server]],
+) -> None:
+    seen: list[bytes] = []
+
+    async def redirect(head: bytes, body: bytes) -> bytes:
+        seen.append(head.split(b"\r\n", 1)[0])
+        if head.startswith(b"POST /a "):
+            return b"HTTP/1.1 303 See Other\r\nLocation: /b\r\nContent-Length: 0\r\n\r\n"
+        if head.startswith(b"GET /loop "):
+            return b"HTTP/1.1 302 Found\r\nLocation: /loop\r\nContent-Length: 0\r\n\r\n"
+        return response(b"here")
+
+    server = await serve(redirect)
+    async with http11_client(follow_redirects=True, max_redirects=3) as http:
+        reply = await send_direct(http, http.build_request("POST", f"{server.url}/a", content=b"x"))
+        assert (reply.status_code, reply.content, str(reply.url)) == (
+            200,
+            b"here",
+            f"{server.url}/b",
+        )
+        assert [r.status_code for r in reply.history] == [303]
+        assert seen == [b"POST /a HTTP/1.1", b"GET /b HTTP/1.1"]  # 303: the body is dropped
+        seen.clear()
+        with pytest.raises(httpx.TooManyRedirects):
+            await send_direct(http, http.build_request("GET", f"{server.url}/loop"))
+        assert len(seen) == 4  # the request and 3 redirects, as httpx's send counts them
+
+
+async def test_send_direct_errors_carry_their_request() -> None:
+    async with http11_client() as http:
+        request = http.build_request("GET", "http://127.0.0.1:1/")
+        with pytest.raises(httpx.ConnectError) as caught:
+            await send_direct(http, request)
+    assert caught.value.request is request
+
+
+async def test_send_direct_leaves_a_client_with_hooks_to_httpx(
+    serve: Callable[[Handler], Awaitable[Server]],
+) -> None:
+    hooked: list[int] = []
+
+    async def hook(response: httpx.Response) -> None:
+        hooked.append(response.status_code)
+
+    server = await serve(ok)
+    async with http11_client(event_hooks={"response": [hook]}) as http:
+        reply = await send_direct(http, http.build_request("GET", f"{server.url}/"))
+    assert (reply.status_code, hooked) == (200, [200])
 
 
 # -- the sharded pool ----------------------------------------------------------------------------
