@@ -31,6 +31,7 @@ import asyncio
 import logging
 import random
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -1041,6 +1042,7 @@ class Scaler:
             runner_id=runner_id,
             backend=self._backend,
             phase=phase,
+            updated_at=time.time(),  # set here, or record() makes the entry (and checks it) again
         )
         try:
             self._journal.record(entry)
