@@ -645,10 +645,8 @@ class Journal:
         wake = self._wake
         if wake is not None and not wake.done():
             wake.set_result(None)
-        try:
-            async with asyncio.timeout(SYNC_WAIT_LIMIT):
-                await asyncio.shield(waiter)
-        except TimeoutError:
+        # The waiter is left as it is when this is cancelled or gives up: _mark_synced ends it.
+        if await first_of(waiter, timeout=SYNC_WAIT_LIMIT) < 0:
             self._log.error(
                 "Runner journal sync is taking too long; going on without it",
                 file=str(self._path),
