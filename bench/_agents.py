@@ -173,9 +173,12 @@ class _Agents:
         except asyncio.CancelledError:
             outcome = "stopped"
             raise
-        except (AgentError, httpx.HTTPError, TimeoutError):
+        except (AgentError, httpx.HTTPError, TimeoutError) as exc:
             outcome = "error"
             self.failed += 1
+            # In the agents' log (kept with --keep): an agent that fails ends its environment,
+            # and outrunner only sees that it ended.
+            print(f"agent {name} failed: {exc!r}", file=sys.stderr, flush=True)
         finally:
             self.clients[client] -= 1
             self.tasks.pop(name, None)

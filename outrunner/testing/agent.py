@@ -36,6 +36,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -126,6 +127,8 @@ class _Agent:
     config: JitConfig
     poll_timeout: float
     retry_for: float
+    session: str = field(default_factory=lambda: secrets.token_hex(8))
+    """Sent with each connect: a connect whose answer (the job) was lost gets the job again."""
 
 
 async def _post(
@@ -170,7 +173,8 @@ def _refused(what: str, response: httpx.Response) -> AgentError:
 async def _take_job(agent: _Agent) -> dict[str, str]:
     wait = agent.poll_timeout
     while True:
-        response = await _post(agent, "/_agent/connect", {"wait": f"{wait:g}"}, wait + 30.0)
+        form = {"wait": f"{wait:g}", "session": agent.session}
+        response = await _post(agent, "/_agent/connect", form, wait + 30.0)
         if response.status_code == 200:
             fields = _parse_lines(response.text)
             if "job_id" not in fields:

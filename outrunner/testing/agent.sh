@@ -140,8 +140,11 @@ value() {
 
 # Connect until the fake hands out a job: 200 with key=value lines. A 204 ("no job yet") is a
 # success for wget without a body, so ask again; any error status makes wget fail.
+# The fake hands this run its job again if the answer that carried it is lost (see
+# outrunner.testing.fakegithub); any other run with the same JIT config gets 409.
+session=$(cat /proc/sys/kernel/random/uuid 2>/dev/null) || session="pid-$$"
 while :; do
-	call connect /_agent/connect "wait=$poll"
+	call connect /_agent/connect "wait=$poll&session=$session"
 	job_id=$(value job_id)
 	[ -z "$job_id" ] || break
 	[ "$status" != 200 ] || die "connect answered 200 without a job"

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from outrunner.testing.agent import AgentError, run_agent
+from outrunner.testing.agent import AgentError, decode_jit_config, run_agent
 from outrunner.testing.fakegithub import (
     Endpoint,
     FakeGitHub,
@@ -147,6 +147,37 @@ async def test_agent_waits_for_a_job_and_is_refused_while_busy(gh: FakeGitHub, r
         await run_agent(encoded, poll_timeout=0.2, timeout=5)
     await agent
     assert gh.wait_until_jobs_completed(1)[0].runner_name == "r1"
+
+
+@pytest.mark.anyio
+async def test_a_lost_job_answer_is_delivered_again_to_the_same_agent_run(
+    gh: FakeGitHub, raw: Raw
+) -> None:
+    # Under load an agent's connect can time out on its side while the fake still holds it; the
+    # fake then hands the job to a request nobody reads. The agent's retry must get that job, or
+    # the job runs for good on a runner whose agent was refused (409) and exited.
+    scale_set_id = raw.create_scale_set()
+    session = raw.create_session(scale_set_id)
+    await asyncio.to_thread(raw.poll, session)
+    credential = decode_jit_config(gh.generate_jit_config(scale_set_id, "r1")).credential
+    gh.queue_job(["linux"], duration=0.2)
+
+    def connect(run: str | None) -> tuple[int, str]:
+        form = {"wait": "5"} if run is None else {"wait": "5", "session": run}
+        reply = raw.http.post(
+            f"{gh.url}/_agent/connect",
+            data=form,
+            headers={"Authorization": f"Bearer {credential}"},
+        )
+        return reply.status_code, reply.text
+
+    status, lost = await asyncio.to_thread(connect, "run-1")  # the answer the agent never read
+    assert status == 200
+    assert "job_id=" in lost
+    assert await asyncio.to_thread(connect, "run-1") == (200, lost)  # its retry: the same job
+    assert (await asyncio.to_thread(connect, "run-2"))[0] == 409  # another run of the config
+    assert (await asyncio.to_thread(connect, None))[0] == 409
+    assert [j.state for j in gh.jobs()] == [JobState.RUNNING]
 
 
 @pytest.mark.anyio

@@ -154,11 +154,14 @@ from its first failure (``--retry-for``, default 600, 0: never); 4xx answers are
 calls send ``Authorization: Bearer <credential>`` and a form body:
 
 * ``POST <url>/_agent/connect`` (AGENT_CONNECT), body ``wait=<seconds>`` (default
-  ``long_poll_timeout``, at most 300): 200 ``text/plain`` lines ``job_id=``, ``runner_request_id=``,
-  ``runner_id=``, ``runner_name=``, ``duration=`` (seconds to "run"), ``result=`` (to report),
-  ``display_name=``; or 204 after ``wait`` seconds without a job: connect again. 401 unknown
-  credential; 409 the one-time credential was already used (the runner took a job); 404 the runner
-  was removed.
+  ``long_poll_timeout``, at most 300) and ``session=<any string the agent run keeps>``
+  (optional): 200 ``text/plain`` lines ``job_id=``, ``runner_request_id=``, ``runner_id=``,
+  ``runner_name=``, ``duration=`` (seconds to "run"), ``result=`` (to report),
+  ``display_name=``; or 204 after ``wait`` seconds without a job: connect again. The same job
+  again when the session that took it connects again while it runs (its answer may have been
+  lost, as a real runner's unacknowledged message is delivered again). 401 unknown credential;
+  409 the one-time credential was already used (the runner took a job, and this connect is not
+  that run's); 404 the runner was removed.
 * ``POST <url>/_agent/complete`` (AGENT_COMPLETE), body ``job_id=<job_id>&result=<result>``: 200
   ``ok``; 409 when that job is not running on this runner (e.g. ``cancel_job``); 404 runner removed.
 

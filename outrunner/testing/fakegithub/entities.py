@@ -119,7 +119,8 @@ class AgentRecord:
     credential: str = field(repr=False)
     connected: bool = False
     job: JobRecord | None = None  # the job it took, kept after completion for inspection
-    spent: bool = False  # took a job: the one-time JIT credential cannot connect again
+    spent: bool = False  # took a job: the one-time JIT credential cannot connect again...
+    session: str = ""  # ...but from the agent run that took it (its connects' "session" field)
     finished: bool = False
     removed: bool = False
 

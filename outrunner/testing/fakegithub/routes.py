@@ -621,7 +621,7 @@ class Router:
             raise ApiError(400, "wait must be a number of seconds", plain=True) from error
         wait = min(max(wait, 0.0), _MAX_AGENT_WAIT)
         try:
-            job = self.state.agent_connect(credential, wait)
+            job = self.state.agent_connect(credential, wait, form.get("session", ""))
         except ApiError as error:
             context.auth_valid = error.status != 401
             raise

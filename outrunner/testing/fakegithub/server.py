@@ -124,6 +124,10 @@ class _Server(ThreadingHTTPServer):
 
     daemon_threads = True
     block_on_close = False
+    # socketserver's default listen backlog is 5: a burst of new connections (a thousand agents
+    # connecting, a client opening its pool) overflowed it, and the kernel dropped connection
+    # attempts, which clients retry only after 1 s, 3 s, 7 s... (the kernel caps it at somaxconn).
+    request_queue_size = 1024
 
     def __init__(self, address: tuple[str, int], router: Router) -> None:
         self.router = router

@@ -903,13 +903,20 @@ class State:
             raise ApiError(401, "unknown runner credential", plain=True)
         return agent
 
-    def agent_connect(self, credential: str, wait: float) -> AgentJob | None:
-        """Hand the agent the oldest assigned job of its scale set, waiting up to ``wait``."""
+    def agent_connect(self, credential: str, wait: float, session: str = "") -> AgentJob | None:
+        """Hand the agent the oldest assigned job of its scale set, waiting up to ``wait``.
+
+        ``session`` names the agent's run (any string it keeps for its connects). When the run
+        that took a job connects again while that job runs, it gets the job again: the answer that
+        carried it may never have reached it (its request timed out on its side while the fake
+        held it, under load), and, as a real runner's broker session does with a message it has
+        not acknowledged, the job is delivered again instead of being lost with a runner that can
+        no longer connect. Any other connect with the spent credential gets 409."""
         deadline = time.monotonic() + wait
         with self.lock:
             agent = self._agent_by_credential(credential)
             if agent.spent:
-                raise ApiError(409, "this JIT configuration has already been used", plain=True)
+                return self._redeliver(agent, session)
             if not agent.connected:
                 agent.connected = True
                 self._touch()
@@ -919,6 +926,8 @@ class State:
                 self._check_outage(Endpoint.AGENT_CONNECT)
                 if agent.removed:
                     raise ApiError(404, f"runner {agent.name} is not registered", plain=True)
+                if agent.job is not None:  # another connect of this agent took a job meanwhile
+                    return self._redeliver(agent, session)
                 job = next(
                     (
                         j
@@ -928,6 +937,7 @@ class State:
                     None,
                 )
                 if job is not None:
+                    agent.session = session
                     return self._start(job, agent)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -941,6 +951,22 @@ class State:
         assert job.scale_set_id is not None
         self._emit(job.scale_set_id, "JobStarted", job, runnerId=agent.id, runnerName=agent.name)
         self._touch()
+        return self._agent_job(job, agent)
+
+    def _redeliver(self, agent: AgentRecord, session: str) -> AgentJob:
+        job = agent.job
+        if (
+            not session
+            or session != agent.session
+            or job is None
+            or job.state is not JobState.RUNNING
+            or agent.finished
+        ):
+            raise ApiError(409, "this JIT configuration has already been used", plain=True)
+        return self._agent_job(job, agent)
+
+    @staticmethod
+    def _agent_job(job: JobRecord, agent: AgentRecord) -> AgentJob:
         return AgentJob(
             job_id=job.job_id,
             runner_request_id=job.request_id,
