@@ -669,12 +669,15 @@ class Journal:
             # so no thread of this journal outlives it.
             self._sync_thread.shutdown(wait=True)
             self._sync_thread = None
-        if self._settle_compaction() and self._durable:
-            with contextlib.suppress(OSError):  # its sync may not have run; close syncs the file
+        # A compaction the thread renamed while nobody waited for it (its loop ended) may miss
+        # the sync of its last lines and of the directory: close syncs both.
+        installed = self._settle_compaction() and self._durable
+        if installed:
+            with contextlib.suppress(OSError):
                 _fsync_dir(self._path.parent)
         if self._stale and self._fd >= 0:
             self._rewrite()  # last chance to persist what a failed write left in memory
-        elif self._durable and self._synced < self._written and self._fd >= 0:
+        elif self._durable and (installed or self._synced < self._written) and self._fd >= 0:
             try:
                 _datasync(self._fd)
             except OSError as exc:
