@@ -40,13 +40,13 @@ import stat
 import sys
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
-from typing import Final, NamedTuple
+from typing import Final, NamedTuple, TypeVar
 
 from outrunner._aio import first_of
 from outrunner.log import BoundLogger, get_logger
@@ -71,6 +71,7 @@ _TEMP_FILE: Final = JOURNAL_FILE + ".tmp"
 DEFAULT_STATE_DIR: Final = Path("/var/lib/outrunner")
 
 FORMAT_VERSION: Final = 1
+_T = TypeVar("_T")
 # The file is rewritten when it holds more than max(64, 4 x live entries) records: appends stay
 # the common case, and the file stays small whatever the churn.
 _COMPACT_MIN_RECORDS: Final = 64
@@ -863,9 +864,7 @@ class Journal:
             except OSError as exc:
                 self._sync_failed(exc)
             else:
-                if self._sync_thread is None:
-                    self._sync_thread = ThreadPoolExecutor(1, thread_name_prefix="journal-sync")
-                job = self._sync_thread.submit(_datasync_and_close, fd)
+                job = self._in_sync_thread(_datasync_and_close, fd)
                 try:
                     await asyncio.wrap_future(job)
                 except Exception as exc:  # OSError, but nothing may leave sync() waiting
@@ -899,14 +898,11 @@ class Journal:
             self._settle_compaction()
             self._compaction_failed(exc)
             return
-        if self._sync_thread is None:
-            self._sync_thread = ThreadPoolExecutor(1, thread_name_prefix="journal-sync")
         temp = self._path.with_name(_TEMP_FILE)
-        self._install = job = self._sync_thread.submit(_install_compaction, fd, temp, self._path)
+        self._install = job = self._in_sync_thread(_install_compaction, fd, temp, self._path)
         try:
             dir_problem = await asyncio.wrap_future(job)
         except Exception as exc:  # OSError; whatever it is, the old file is still the journal
-            self._install = None
             self._settle_compaction()
             self._compaction_failed(exc)
             return
@@ -915,18 +911,27 @@ class Journal:
             if job.cancelled():
                 os.close(fd)
             raise
-        self._install = None
         if dir_problem:
-            self._log.warning(
-                "Cannot fsync the state dir after rewriting the runner journal",
-                dir=str(self._path.parent),
-                error=dir_problem,
-            )
+            self._dir_sync_failed(dir_problem)
         self._settle_compaction()
         if self._stale:
             self._rewrite()  # a write failed while the thread worked: repair the file from memory
         else:
             self._mark_synced(target)
+
+    def _in_sync_thread(self, work: Callable[..., _T], *args: object) -> Future[_T]:
+        """Run ``work(*args)`` in the journal's sync thread (started on first use)."""
+        if self._sync_thread is None:
+            self._sync_thread = ThreadPoolExecutor(1, thread_name_prefix="journal-sync")
+        return self._sync_thread.submit(work, *args)
+
+    def _dir_sync_failed(self, error: str) -> None:
+        # The new file is in place; only its survival of a power cut is uncertain.
+        self._log.warning(
+            "Cannot fsync the state dir after rewriting the runner journal",
+            dir=str(self._path.parent),
+            error=error,
+        )
 
     def _installing(self) -> bool:
         """Whether the sync thread is working on the pending compaction right now."""
@@ -1073,12 +1078,7 @@ class Journal:
             try:
                 _fsync_dir(self._path.parent)
             except OSError as exc:
-                # The new file is in place; only its survival of a power cut is uncertain.
-                self._log.warning(
-                    "Cannot fsync the state dir after rewriting the runner journal",
-                    dir=str(self._path.parent),
-                    error=str(exc),
-                )
+                self._dir_sync_failed(str(exc))
 
     def _write_temp(self) -> int:
         """Write one put per live entry and one record per open session to a new temp file

@@ -373,23 +373,34 @@ journal.record(JournalEntry(scale_set="linux", name="linux-9", runner_id=99))  #
 """
 
 
-def test_a_crash_between_temp_write_and_rename_leaves_a_readable_journal(tmp_path: Path) -> None:
+def crash_a_child(journal_dir: Path, script: str, *args: str) -> Path:
+    """Run ``script`` on ``journal_dir`` in a child process that dies with ``os._exit(9)``;
+    return the path of the compaction's temp file."""
     child = subprocess.run(
-        [sys.executable, "-c", CRASH_BEFORE_RENAME, str(tmp_path)], cwd=REPO, check=False
+        [sys.executable, "-c", script, str(journal_dir), *args], cwd=REPO, check=False
     )
     assert child.returncode == 9
-    temp = tmp_path / (JOURNAL_FILE + ".tmp")
+    return journal_dir / (JOURNAL_FILE + ".tmp")
+
+
+def recovered(journal_dir: Path) -> list[tuple[str, int]]:
+    """What the next open finds: (name, runner id) of each live entry; the file must be clean."""
+    with Journal.open(journal_dir, durable=False) as journal:
+        assert journal.problems == ()
+        return [(e.name, e.runner_id) for e in journal.entries()]
+
+
+def test_a_crash_between_temp_write_and_rename_leaves_a_readable_journal(tmp_path: Path) -> None:
+    temp = crash_a_child(tmp_path, CRASH_BEFORE_RENAME)
     assert temp.exists()
     assert len(lines_of(tmp_path)) == 65
-    with Journal.open(tmp_path, durable=False) as journal:
-        assert journal.problems == ()
-        assert [(e.name, e.runner_id) for e in journal.entries()] == [
-            ("linux-0", 61),
-            ("linux-1", 62),
-            ("linux-2", 63),
-            ("linux-3", 64),
-            ("linux-9", 99),
-        ]
+    assert recovered(tmp_path) == [
+        ("linux-0", 61),
+        ("linux-1", 62),
+        ("linux-2", 63),
+        ("linux-3", 64),
+        ("linux-9", 99),
+    ]
     assert not temp.exists()
     assert len(lines_of(tmp_path)) == 5
 
@@ -1063,21 +1074,15 @@ asyncio.run(main())
 
 @pytest.mark.parametrize("where", ["pending", "after-rename"])
 def test_a_crash_during_a_compaction_on_a_loop_loses_no_record(tmp_path: Path, where: str) -> None:
-    child = subprocess.run(
-        [sys.executable, "-c", CRASH_IN_COMPACTION, str(tmp_path), where], cwd=REPO, check=False
-    )
-    assert child.returncode == 9
-    temp = tmp_path / (JOURNAL_FILE + ".tmp")
+    temp = crash_a_child(tmp_path, CRASH_IN_COMPACTION, where)
     assert temp.exists() == (where == "pending")
     assert len(lines_of(tmp_path)) == (67 if where == "pending" else 6)
-    with Journal.open(tmp_path, durable=False) as journal:
-        assert journal.problems == ()
-        assert [(e.name, e.runner_id) for e in journal.entries()] == [
-            ("linux-1", 62),
-            ("linux-2", 63),
-            ("linux-3", 64),
-            ("linux-9", 99),
-        ]
+    assert recovered(tmp_path) == [
+        ("linux-1", 62),
+        ("linux-2", 63),
+        ("linux-3", 64),
+        ("linux-9", 99),
+    ]
     assert not temp.exists()
 
 

@@ -937,17 +937,16 @@ class State:
                     None,
                 )
                 if job is not None:
-                    agent.session = session
-                    return self._start(job, agent)
+                    return self._start(job, agent, session)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return None
                 self.changed.wait(remaining)
 
-    def _start(self, job: JobRecord, agent: AgentRecord) -> AgentJob:
+    def _start(self, job: JobRecord, agent: AgentRecord, session: str) -> AgentJob:
         job.state, job.runner_assign_time = JobState.RUNNING, utcnow()
         job.runner_id, job.runner_name = agent.id, agent.name
-        agent.job, agent.spent = job, True
+        agent.job, agent.spent, agent.session = job, True, session
         assert job.scale_set_id is not None
         self._emit(job.scale_set_id, "JobStarted", job, runnerId=agent.id, runnerName=agent.name)
         self._touch()
