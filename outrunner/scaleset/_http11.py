@@ -42,6 +42,8 @@ from typing import Any, cast
 import h11
 import httpx
 
+from outrunner.scaleset._request import build_request
+
 __all__ = ["DirectSender", "Http11Transport", "send_direct", "use_http11_transport"]
 
 _httpx_log = logging.getLogger("httpx")
@@ -502,7 +504,7 @@ class DirectSender:
     def build_request(
         self, method: str, url: str, *, headers: Mapping[str, str], content: bytes | None
     ) -> httpx.Request:
-        return self.http.build_request(method, url, headers=headers, content=content)
+        return build_request(self.http, method, url, headers=headers, content=content)
 
     async def send(self, request: httpx.Request) -> httpx.Response:
         return await send_direct(self.http, request)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import httpx
 
 from outrunner.scaleset._http11 import send_direct
+from outrunner.scaleset._request import build_request
 
 __all__ = ["MAX_SHARDS", "SHARD_CONNECTIONS", "ClientPool"]
 
@@ -83,7 +84,7 @@ class ClientPool:
         headers: Mapping[str, str],
         content: bytes | None = None,
     ) -> httpx.Request:
-        return self._shards[0].http.build_request(method, url, headers=headers, content=content)
+        return build_request(self._shards[0].http, method, url, headers=headers, content=content)
 
     async def send(self, request: httpx.Request) -> httpx.Response:
         """Send ``request`` (its body read) through the least busy shard."""
