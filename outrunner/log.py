@@ -101,13 +101,10 @@ __all__ = [
     "unregister_secret",
 ]
 
-ExcInfo: TypeAlias = (
-    bool
-    | BaseException
-    | tuple[type[BaseException], BaseException, TracebackType | None]
-    | tuple[None, None, None]
-    | None
+_SysExcInfo: TypeAlias = (
+    tuple[type[BaseException], BaseException, TracebackType | None] | tuple[None, None, None] | None
 )
+ExcInfo: TypeAlias = bool | BaseException | _SysExcInfo
 
 # ---------------------------------------------------------------------------------------------
 # Secret redaction
@@ -342,9 +339,18 @@ class TextFormatter(_Base):
     ``redactor`` defaults to the process-wide registry fed by :func:`register_secret`.
     """
 
+    _stamp: tuple[int, bool, str] = (-1, False, "")
+    """The last second formatted (whole seconds since the epoch, utc, text): most records of a
+    busy second share it."""
+
     def format(self, record: logging.LogRecord) -> str:
-        convert = time.gmtime if self.utc else time.localtime
-        parts = [time.strftime("%Y-%m-%d %H:%M:%S", convert(record.created)), _level_label(record)]
+        second = int(record.created)
+        cached, utc, stamp = self._stamp
+        if cached != second or utc != self.utc:
+            convert = time.gmtime if self.utc else time.localtime
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S", convert(second))
+            self._stamp = (second, self.utc, stamp)
+        parts = [stamp, _level_label(record)]
         message = self._redactor.redact(record.getMessage())
         if message:  # Go would print a double space for an empty message
             parts.append(message)
@@ -599,8 +605,31 @@ class BoundLogger:
 
     def _emit(self, level: int, msg: str, attrs: Mapping[str, object], exc_info: ExcInfo) -> None:
         merged = _merge(self._attrs, self._group, attrs) if attrs else dict(self._attrs)
-        # stacklevel 3 skips _emit and the public method, so funcName/lineno name the caller.
-        self._logger.log(level, msg, exc_info=exc_info, extra={"attrs": merged}, stacklevel=3)
+        # What Logger.log does, less its search for the caller (a walk up the stack testing
+        # each frame's file, a tenth of a record's cost): the caller is two frames up, past
+        # the public method, so funcName and lineno name it.
+        caller = sys._getframe(2)
+        code = caller.f_code
+        error: _SysExcInfo = None
+        if isinstance(exc_info, BaseException):
+            error = (type(exc_info), exc_info, exc_info.__traceback__)
+        elif isinstance(exc_info, tuple):
+            error = exc_info
+        elif exc_info:
+            error = sys.exc_info()
+        logger = self._logger
+        record = logger.makeRecord(
+            logger.name,
+            level,
+            code.co_filename,
+            caller.f_lineno,
+            msg,
+            (),
+            error,
+            code.co_name,
+            {"attrs": merged},
+        )
+        logger.handle(record)
 
     def _derive(self, attrs: _Attrs, group: tuple[str, ...]) -> BoundLogger:
         new = object.__new__(type(self))

@@ -6,6 +6,7 @@ Timestamps are pinned by a handler filter that sets ``record.created``, never by
 
 from __future__ import annotations
 
+import inspect
 import io
 import itertools
 import json
@@ -352,6 +353,50 @@ def test_record_points_at_the_caller(sink: Sink) -> None:
     sink.bound().info("m")
     assert records[0].funcName == "test_record_points_at_the_caller"
     assert records[0].pathname == __file__
+
+
+def test_every_method_points_at_its_caller_and_takes_exc_info_as_logging_does(
+    sink: Sink,
+) -> None:
+    records: list[logging.LogRecord] = []
+
+    def keep(record: logging.LogRecord) -> bool:
+        records.append(record)
+        return True
+
+    sink.handler.addFilter(keep)
+    sink.logger.setLevel(logging.DEBUG)
+    sink.handler.setLevel(logging.DEBUG)
+    log = sink.bound()
+    error = ValueError("bad")
+    here = inspect.currentframe()
+    assert here is not None
+    line = here.f_lineno
+    log.debug("d")
+    log.info("i", exc_info=False)
+    log.warning("w", exc_info=(ValueError, error, None))
+    log.error("e", exc_info=error)
+    log.log(logging.INFO, "l")
+    try:
+        raise error
+    except ValueError:
+        log.exception("x")
+    assert [r.lineno for r in records[:5]] == [line + n for n in range(1, 6)]
+    assert {r.funcName for r in records} == {
+        "test_every_method_points_at_its_caller_and_takes_exc_info_as_logging_does"
+    }
+    assert [bool(r.exc_info) for r in records] == [False, False, True, True, False, True]
+    assert records[2].exc_info == (ValueError, error, None)
+    assert records[3].exc_info == (ValueError, error, None)  # not raised yet then
+    assert records[5].exc_info is not None
+    assert records[5].exc_info[1] is error
+    # A disabled logger, as logging's own, emits nothing.
+    sink.logger.disabled = True
+    try:
+        log.info("gone")
+    finally:
+        sink.logger.disabled = False
+    assert [r.getMessage() for r in records][-1] == "x"
 
 
 def test_disabled_level_is_cheap() -> None:
