@@ -200,6 +200,10 @@ class Scaler:
         self._runner_config = runner
         self._backend = _backend_of(runner)
         self._provisioner = provisioner
+        # Its optional capabilities, looked up once: a protocol isinstance() walks the
+        # protocol's members every time, twice per runner otherwise.
+        self._exit_watcher = provisioner if isinstance(provisioner, ExitWatcher) else None
+        self._monitor = provisioner if isinstance(provisioner, EnvironmentMonitor) else None
         self._log = logger or get_logger("outrunner.scaler", scale_set=name_prefix)
         self._on_phase_change = on_phase_change
         self._journal = journal
@@ -617,8 +621,8 @@ class Scaler:
         draining, for a runner without a job) a successful release. True when the runner was
         released, i.e. its registration is already removed."""
         watcher = None
-        if isinstance(self._provisioner, ExitWatcher):
-            watcher = asyncio.create_task(self._wait_exited(self._provisioner, state.name))
+        if self._exit_watcher is not None:
+            watcher = asyncio.create_task(self._wait_exited(self._exit_watcher, state.name))
         try:
             while True:
                 ends: list[asyncio.Future[Any] | Signal] = [state.done_signal, self._forced]
@@ -654,8 +658,7 @@ class Scaler:
         No task watches the environment alongside the runner's own: at 1,000 runners, one was
         a fifth of the objects each full garbage collection walks (and stops the loop for).
         """
-        provisioner = self._provisioner
-        monitor = provisioner if isinstance(provisioner, EnvironmentMonitor) else None
+        monitor = self._monitor
         timeout = None if monitor is None else self._watch_interval
         waits: list[asyncio.Future[Any] | Signal] = [*ends] if watcher is None else [*ends, watcher]
         while True:

@@ -10,6 +10,7 @@ error. Timestamps are RFC 3339; absent or ``null`` is fine, ``""`` is not. Parse
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import uuid
@@ -155,9 +156,19 @@ _GO_ZERO_TIME: Final = datetime(1, 1, 1, tzinfo=UTC)
 
 def parse_time(text: str, where: str = "timestamp") -> datetime | None:
     """RFC 3339, fraction truncated to microseconds. Go's zero time becomes ``None``."""
+    try:
+        return _parse_time(text)
+    except ValueError as exc:
+        raise DecodeError(f"{where}: {text!r}{exc}") from None
+
+
+# A job's timestamps come again in each of its messages (assigned, started, completed), and
+# Go's zero time stands in for every one not set yet: most texts were seen before.
+@functools.lru_cache(maxsize=4096)
+def _parse_time(text: str) -> datetime | None:
     match = _RFC3339.fullmatch(text)
     if match is None:
-        raise DecodeError(f"{where}: {text!r} is not an RFC 3339 timestamp")
+        raise ValueError(" is not an RFC 3339 timestamp")
     year, month, day, hour, minute, second, fraction, zone = match.groups()
     tz = UTC
     if zone != "Z":
@@ -176,7 +187,7 @@ def parse_time(text: str, where: str = "timestamp") -> datetime | None:
             tzinfo=tz,
         )
     except ValueError as exc:
-        raise DecodeError(f"{where}: {text!r}: {exc}") from exc
+        raise ValueError(f": {exc}") from None
     return None if value == _GO_ZERO_TIME else value
 
 
