@@ -8,9 +8,10 @@ another process, the client's CPU per request: 1.0-1.6 ms through ``httpx.AsyncC
 httpcore, 0.6-0.8 ms over this transport, of which this transport is 0.4-0.5 ms. At 1,000 runners
 the API calls were half of outrunner's CPU.
 
-What stays httpx's: building requests, redirects, decoding the body, timeouts' configuration,
-errors, and proxies (a proxied URL goes through the transport httpx mounts for it, which
-``use_asyncio_network`` sets up). What stays h11's: the protocol (framing, chunked bodies,
+What stays httpx's: the request and response objects (requests built the cheap way by
+``_request.py``), redirects, decoding the body, timeouts' configuration, errors, and proxies (a
+proxied URL goes through the transport httpx mounts for it, which ``use_asyncio_network`` sets
+up). What stays h11's: the protocol (framing, chunked bodies,
 keep-alive rules, validation). What is written here is the pool and the socket:
 
 * at most ``max_connections`` open (or opening) at once; requests beyond wait for one, first
