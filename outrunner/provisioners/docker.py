@@ -77,10 +77,10 @@ ClientFactory = Callable[[str | None], docker.APIClient]
 
 DEFAULT_WORKERS: Final = 32
 """Threads of the provisioner's own executor (made as needed; idle ones cost no CPU), and the
-engine connections its client keeps. A burst of starts is as fast as the engine serves
-concurrent ``start`` calls: with 4 threads the starts of a burst of 20 queued behind each other
-and the last container ran 1.27x later than 20 raw concurrent create+starts (four bursts: 1.25
-to 1.32); with 32, 1.16x, and 1.05x for a burst of 50 (1.22x with 4) (docs/performance.md)."""
+engine connections its client keeps. With 4 threads the starts of a burst queued four at a
+time, and the last of 20 containers ran 1.27x later than 20 raw concurrent create+starts (four
+bursts: 1.25 to 1.32); with 32, 1.16x and 1.09x in two runs. For a burst of 50 the runs disagree
+(1.22x with 4; 1.05x and 1.24x with 32): docs/performance.md."""
 _MIB: Final = 1024 * 1024
 _GONE_TIMEOUT: Final = 30.0
 """Seconds a removal may stay "in progress" before stop gives up."""

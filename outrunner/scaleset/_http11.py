@@ -11,8 +11,8 @@ the API calls were half of outrunner's CPU.
 What stays httpx's: the request and response objects (requests built the cheap way by
 ``_request.py``), redirects, decoding the body, timeouts' configuration, errors, and proxies (a
 proxied URL goes through the transport httpx mounts for it, which ``use_asyncio_network`` sets
-up). What stays h11's: the protocol (framing, chunked bodies,
-keep-alive rules, validation). What is written here is the pool and the socket:
+up). What stays h11's: the protocol (framing, chunked bodies, keep-alive rules, validation).
+What is written here is the pool and the socket:
 
 * at most ``max_connections`` open (or opening) at once; requests beyond wait for one, first
   come first served, until the request's ``pool`` timeout from when it asked
