@@ -282,6 +282,32 @@ async def test_a_short_outage_resumes_the_same_session_instead_of_abandoning_it(
         assert gh.sessions() == []
 
 
+async def test_a_message_whose_acknowledgement_failed_is_read_again_after_resuming() -> None:
+    # Every retry of one DELETE fails, so the listener fails and the worker resumes the same
+    # session. The message was never acknowledged: the resumed listener must poll from before
+    # it, or its offer (older GHES assigns a job only once it is acquired) is never acquired
+    # and the job waits forever, holding a slot of the scale set's capacity.
+    async with FakeGitHub(pat=TOKEN, long_poll_timeout=0.3, acquire_mode=True) as gh:
+        async with fast_client(gh.config_url(), TOKEN) as client:
+            prov = InMemoryProvisioner(workload=agent)
+            worker = ScaleSetWorker(
+                client, runner(), max_runners=2, provisioner=prov, owner="me", backoff=FAST
+            )
+            task = await start_worker(worker)
+            try:
+                gh.fail_next(Endpoint.DELETE_MESSAGE, times=5)  # every retry of one call
+                job = gh.queue_job(["linux"], duration=0.1)
+                await gh.wait_until_jobs_completed_async(1, timeout=15)
+                assert gh.job(job).result == "succeeded"
+                assert [r.status for r in gh.requests_to(Endpoint.CREATE_SESSION)] == [200]
+                assert gh.pending_faults(Endpoint.DELETE_MESSAGE) == 0
+                await gh.wait_for_async(lambda: worker.scaler.runners() == [], timeout=10)
+            finally:
+                await stop_worker(task)
+        assert prov.environments == {}
+        assert gh.runners() == []
+
+
 async def test_jobs_offered_while_acquisition_fails_are_acquired_after_reconnecting() -> None:
     # Older GHES offers jobs (JobAvailable) and assigns them only once acquired. The offer's
     # message is acknowledged first, so when every attempt to acquire fails, the worker must

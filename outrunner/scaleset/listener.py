@@ -12,7 +12,10 @@ will not tell of its jobs again, and dropping any of it would lose them.
 The listener neither creates nor deletes the session. Errors propagate with a note saying where
 they happened; the exception type is kept so callers can react (e.g. reconnect on
 ``MessageQueueTokenExpiredError``). ``last_message_id`` survives a failed :meth:`Listener.run`, so a
-supervisor can call ``run`` again, or hand the id to a new listener on a new session.
+supervisor can call ``run`` again, or hand the id to a new listener on the same session. It is the
+id of the last message *acknowledged*, not the last one read (the Go listener's ``lastMessageId``
+is the latter, but Go never resumes a session): a message whose DELETE failed is still in the queue,
+and a listener resuming past it would never read it again, losing its offers for good.
 """
 
 from __future__ import annotations
@@ -165,7 +168,6 @@ class Listener:
                     "handling an empty poll",
                 )
                 continue
-            self.last_message_id = message.message_id
             await self._finish(self._handle(message, scaler), message.message_id)
 
     async def _finish(self, handling: Coroutine[Any, Any, None], message_id: int) -> None:
@@ -215,6 +217,7 @@ class Listener:
         else:
             self._record_statistics(message.statistics)
         await _noted(self._source.delete_message(message.message_id), f"{where}: delete")
+        self.last_message_id = message.message_id
         failed: Exception | None = None
         if message.jobs_available:
             ids = [job.runner_request_id for job in message.jobs_available]

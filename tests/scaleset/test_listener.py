@@ -250,6 +250,44 @@ async def test_offers_whose_acquisition_failed_are_acquired_by_the_next_listener
     assert unacquired == set()
 
 
+class FailingDelete(FakeSource):
+    """Fails to acknowledge message ``bad``, as GitHub does when every retry of a DELETE fails."""
+
+    def __init__(self, calls: list[Call], polls: Sequence[RunnerScaleSetMessage], bad: int):
+        super().__init__(calls, polls)
+        self.bad = bad
+
+    async def delete_message(self, message_id: int) -> None:
+        self.calls.append(("delete", message_id))
+        if message_id == self.bad:
+            raise ConnectionError("GitHub is down")
+
+
+async def test_last_message_id_moves_only_past_acknowledged_messages() -> None:
+    # Message 7 was read but not acknowledged: it is still in GitHub's queue, so a listener
+    # resuming the session must poll from 6 and read it again, or its offer is lost for good.
+    calls: list[Call] = []
+    source = FailingDelete(calls, [message(6, 0), message(7, 1, available=1)], bad=7)
+    listener = Listener(source, max_runners=2)
+    with pytest.raises(ConnectionError) as raised:
+        await listener.run(FakeScaler(calls))
+    assert raised.value.__notes__ == ["listener: failed while handling message 7: delete"]
+    assert listener.last_message_id == 6
+    assert ("acquire", [1]) not in calls  # nothing of an unacknowledged message is handled
+
+    calls.clear()
+    again = FakeSource(calls, [message(7, 1, available=1)])
+    resumed = Listener(again, max_runners=2, last_message_id=listener.last_message_id)
+    await run_until_idle(resumed, again, FakeScaler(calls))
+    assert [c for c in calls if c[0] in ("get", "delete", "acquire")] == [
+        ("get", 6, 2),
+        ("delete", 7),
+        ("acquire", [1]),
+        ("get", 7, 2),
+    ]
+    assert resumed.last_message_id == 7
+
+
 @pytest.mark.parametrize(
     ("initial", "error"),
     [
