@@ -68,6 +68,9 @@ async def test_no_job_is_lost_or_run_twice_whatever_fails(tmp_path: Path) -> Non
         print(f"chaos seed={seed} acquire_mode={acquire_mode} starting", flush=True)
         report = await run_seed(seed, tmp_path / str(seed), acquire_mode=acquire_mode)
         print(report.summary(), flush=True)
+        if report.violations:
+            print(f"last {len(report.log_tail)} log lines of seed {seed}:", flush=True)
+            print("\n".join(report.log_tail), flush=True)
         reports.append(report)
         faults.update(report.faults)
         short = sum(faults.values()) < MIN_FAULTS or sum(r.jobs for r in reports) < MIN_JOBS

@@ -29,11 +29,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import random
 import time
-from collections import Counter
-from collections.abc import Awaitable, Callable, Collection, Coroutine, Generator
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ import httpx
 
 from outrunner.config import DockerImage, RunnerConfig
 from outrunner.journal import Journal
+from outrunner.log import TextFormatter
 from outrunner.provisioner import ProvisionerError, RunnerRequest
 from outrunner.scaler import Scaler
 from outrunner.scaleset import Client, PersonalAccessToken, RetryPolicy
@@ -140,6 +142,9 @@ class SeedReport:
     faults: Counter[str] = field(default_factory=Counter)
     wall: float = 0.0
     violations: list[str] = field(default_factory=list)
+    log_tail: list[str] = field(default_factory=list)
+    """When an invariant broke: the run's last log lines at INFO and above, with their
+    attributes (pytest's captured log shows only warnings, and only their messages)."""
 
     @property
     def total_faults(self) -> int:
@@ -756,11 +761,58 @@ def _client(gh: FakeGitHub) -> Client:
     )
 
 
+LOG_TAIL = 600
+"""Log lines a failed seed reports (:attr:`SeedReport.log_tail`)."""
+
+
+class _FlightRecorder(logging.Handler):
+    """Keeps outrunner's last ``LOG_TAIL`` records at INFO and above while a seed runs, so a
+    failure that does not replay shows what led to it. Warnings and errors still reach the
+    root logger's handlers (pytest's capture) as before; INFO records do not, so the captured
+    log of a failing test does not grow."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: deque[logging.LogRecord] = deque(maxlen=LOG_TAIL)
+        self.setFormatter(TextFormatter(utc=True))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+        if record.levelno >= logging.WARNING:
+            logging.getLogger().handle(record)
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[None]:
+        logger = logging.getLogger("outrunner")
+        level, propagate = logger.level, logger.propagate
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+        logger.addHandler(self)
+        try:
+            yield
+        finally:
+            logger.removeHandler(self)
+            logger.setLevel(level)
+            logger.propagate = propagate
+
+    def lines(self) -> list[str]:
+        # A traceback's last line says enough here; whole ones would bury the sequence.
+        out: list[str] = []
+        for record in self.records:
+            text = self.format(record)
+            first, _, rest = text.partition("\n")
+            out.append(f"{first} | {rest.splitlines()[-1]}" if rest else first)
+        return out
+
+
 async def run_seed(seed: int, state_dir: Path, *, acquire_mode: bool = False) -> SeedReport:
     """Run one seed against a fresh FakeGitHub; ``state_dir`` holds its runner journal."""
     chaos = _Chaos(seed, state_dir, acquire_mode=acquire_mode)
+    recorder = _FlightRecorder()
     began = time.monotonic()
-    with contextlib.suppress(_Stuck):  # the violation says what got stuck
+    with recorder.recording(), contextlib.suppress(_Stuck):  # the violation says what got stuck
         await chaos.run()
     chaos.report.wall = time.monotonic() - began
+    if chaos.report.violations:
+        chaos.report.log_tail = recorder.lines()
     return chaos.report
