@@ -48,7 +48,7 @@ from outrunner.scaleset.urls import parse_config_url
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-    _Family = Counter | Histogram
+    _Family = Counter | Gauge | Histogram
     from prometheus_client.core import GaugeMetricFamily
     from prometheus_client.metrics_core import Metric
 
@@ -142,7 +142,8 @@ class ScaleSetMetrics:
         self._scale_set_labels = (name, *scope)
         self._enterprise = scope[0]
         self._families = families
-        self._job_series: set[tuple[Any, tuple[str, ...]]] = set()
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+        """The series written to, by family and label values (see :meth:`_child`)."""
         # Bookkeeping, read by the health endpoints.
         self.last_poll: datetime | None = None
         """The last successful long poll (a message or an empty answer)."""
@@ -169,14 +170,14 @@ class ScaleSetMetrics:
         # Counters of known label values start at 0, so rate() and increase() see the first one.
         labels = self._scale_set_labels
         for session in _SESSIONS:
-            f.reconnects.labels(self.name, session)
+            self._child(f.reconnects, (self.name, session))
         for reason in REAP_REASONS:
-            f.reaped.labels(self.name, reason)
-        f.start_failures.labels(self.name, self.backend)
-        f.provisioning.labels(self.name, self.backend)
-        f.stopping.labels(self.name, self.backend)
+            self._child(f.reaped, (self.name, reason))
+        self._child(f.start_failures, (self.name, self.backend))
+        self._child(f.provisioning, (self.name, self.backend))
+        self._child(f.stopping, (self.name, self.backend))
         for gauge in f.counts:
-            gauge.labels(*labels).set(0)
+            self._child(gauge, labels).set(0)
 
     # -- read side ---------------------------------------------------------------------------
 
@@ -213,13 +214,14 @@ class ScaleSetMetrics:
         if f is None:
             return
         labels = self._scale_set_labels
-        f.assigned_jobs.labels(*labels).set(statistics.total_assigned_jobs)
-        f.running_jobs.labels(*labels).set(statistics.total_running_jobs)
-        f.registered_runners.labels(*labels).set(statistics.total_registered_runners)
-        f.busy_runners.labels(*labels).set(statistics.total_busy_runners)
-        f.idle_runners.labels(*labels).set(statistics.total_idle_runners)
-        f.available_jobs.labels(*labels).set(statistics.total_available_jobs)
-        f.acquired_jobs.labels(*labels).set(statistics.total_acquired_jobs)
+        child = self._child
+        child(f.assigned_jobs, labels).set(statistics.total_assigned_jobs)
+        child(f.running_jobs, labels).set(statistics.total_running_jobs)
+        child(f.registered_runners, labels).set(statistics.total_registered_runners)
+        child(f.busy_runners, labels).set(statistics.total_busy_runners)
+        child(f.idle_runners, labels).set(statistics.total_idle_runners)
+        child(f.available_jobs, labels).set(statistics.total_available_jobs)
+        child(f.acquired_jobs, labels).set(statistics.total_acquired_jobs)
 
     def record_job_started(self, job: JobStarted) -> None:
         if job.runner_name in self._tracked:
@@ -234,10 +236,10 @@ class ScaleSetMetrics:
         if f is None:
             return
         counter, histogram = self._job_labels(job)
-        self._job_child(f.started_jobs, counter).inc()
+        self._child(f.started_jobs, counter).inc()
         startup = _seconds_between(job.scale_set_assign_time, job.runner_assign_time)
         if startup is not None:
-            self._job_child(f.job_startup, histogram).observe(startup)
+            self._child(f.job_startup, histogram).observe(startup)
 
     def record_job_completed(self, job: JobCompleted) -> None:
         self._jobs.pop(job.runner_name, None)
@@ -247,24 +249,29 @@ class ScaleSetMetrics:
         if f is None or job.runner_assign_time is None:
             return
         counter, histogram = self._job_labels(job)
-        self._job_child(f.completed_jobs, (*counter, job.result)).inc()
+        self._child(f.completed_jobs, (*counter, job.result)).inc()
         execution = _seconds_between(job.runner_assign_time, job.finish_time)
         if execution is not None:
-            self._job_child(f.job_execution, (*histogram, job.result)).observe(execution)
+            self._child(f.job_execution, (*histogram, job.result)).observe(execution)
 
     def record_desired_runners(self, count: int) -> None:
         if self._families is not None:
-            self._families.desired_runners.labels(*self._scale_set_labels).set(count)
+            self._child(self._families.desired_runners, self._scale_set_labels).set(count)
 
     def _job_labels(self, job: JobStarted | JobCompleted) -> tuple[tuple[str, ...], ...]:
         """The label values of a job's counter series and of its histogram series."""
         scope = (self.name, self._enterprise, job.owner_name, job.repository_name)
         return (*scope, job.job_display_name, job.event_name), (*scope, job.event_name)
 
-    def _job_child(self, family: _Family, labels: tuple[str, ...]) -> Any:
-        """``family``'s series of ``labels``, remembered so :meth:`Metrics.forget` can drop it."""
-        self._job_series.add((family, labels))
-        return family.labels(*labels)
+    def _child(self, family: _Family, labels: tuple[str, ...]) -> Any:
+        """``family``'s series of ``labels``, made once and kept: ``labels()`` takes a lock and
+        checks every value each time, and a few series take every write. Kept series are also
+        what :meth:`Metrics.forget` drops (the job series have label values known only here)."""
+        key = (family, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = family.labels(*labels)
+        return child
 
     # -- the Scaler's observers --------------------------------------------------------------
 
@@ -282,7 +289,8 @@ class ScaleSetMetrics:
             self._provisioned.add(runner)
             took = (snapshot.started_at - snapshot.created_at).total_seconds()
             if self._families is not None:
-                self._families.provisioning.labels(self.name, self.backend).observe(max(took, 0.0))
+                provisioning = self._families.provisioning
+                self._child(provisioning, (self.name, self.backend)).observe(max(took, 0.0))
             self._count_start_failures()  # a start that works ends the backoff
         if snapshot.phase is RunnerPhase.STOPPING:
             self._stopping.setdefault(runner, time.monotonic())
@@ -291,7 +299,7 @@ class ScaleSetMetrics:
         began = self._stopping.pop(runner, None)
         if began is not None and self._families is not None:
             took = time.monotonic() - began
-            self._families.stopping.labels(self.name, self.backend).observe(took)
+            self._child(self._families.stopping, (self.name, self.backend)).observe(took)
         self._tracked.discard(runner)
         self._provisioned.discard(runner)
         self._jobs.pop(runner, None)
@@ -305,7 +313,8 @@ class ScaleSetMetrics:
         backoff = self._start_backoff()
         failures = 0 if backoff is None else backoff.failures
         if failures > self._start_failures_seen and self._families is not None:
-            self._families.start_failures.labels(self.name, self.backend).inc(
+            start_failures = self._families.start_failures
+            self._child(start_failures, (self.name, self.backend)).inc(
                 failures - self._start_failures_seen
             )
         self._start_failures_seen = failures
@@ -315,7 +324,7 @@ class ScaleSetMetrics:
         :data:`REAP_REASONS`)."""
         self.reaped[reason] = self.reaped.get(reason, 0) + 1
         if self._families is not None:
-            self._families.reaped.labels(self.name, reason).inc()
+            self._child(self._families.reaped, (self.name, reason)).inc()
 
     # -- the worker's session hooks ----------------------------------------------------------
 
@@ -324,7 +333,7 @@ class ScaleSetMetrics:
         now = time.time()
         self.last_poll = datetime.fromtimestamp(now, UTC)
         if self._families is not None:
-            self._families.last_poll.labels(self.name).set(now)
+            self._child(self._families.last_poll, (self.name,)).set(now)
 
     def session_failed(self, error: BaseException) -> None:
         """The session (or the scale set's setup) failed; the worker retries after a backoff."""
@@ -340,7 +349,7 @@ class ScaleSetMetrics:
             self.reconnects += 1
             if self._families is not None:
                 session = "resumed" if resumed else "new"
-                self._families.reconnects.labels(self.name, session).inc()
+                self._child(self._families.reconnects, (self.name, session)).inc()
         self._listened = True
         self.not_listening_since = None
         self.last_error = ""
@@ -359,8 +368,12 @@ class ScaleSetMetrics:
         backend = (self.name, self.backend)
         removals += [(m, backend) for m in (f.start_failures, f.provisioning, f.stopping)]
         removals.append((f.last_poll, (self.name,)))
-        removals += self._job_series
-        for family, values in removals:
+        removals += self._children
+        self._children.clear()
+        # A late hook call (a runner of the removed scale set still stopping) writes nothing,
+        # instead of making a series again that nothing would ever drop.
+        self._families = None
+        for family, values in dict.fromkeys(removals):
             # Older prometheus_client raise KeyError for a series never created (no poll yet).
             with contextlib.suppress(KeyError):
                 family.remove(*values)

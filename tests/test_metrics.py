@@ -321,12 +321,24 @@ def test_reaps_sessions_and_forgetting_a_scale_set() -> None:
     assert recorder.reconnects == 1
     recorder.record_poll()
     assert recorder.last_poll is not None
+    now = datetime.now(UTC)
+    recorder.record_job_started(job_started("linux-2", scale_set_assign_time=now))
+    recorder.record_statistics(RunnerScaleSetStatistic(total_assigned_jobs=1))
 
     metrics.forget("linux")
     assert metrics.get("linux") is None
     exposed = metrics.exposition()[0].decode()
     assert 'name="linux"' not in exposed
     assert "outrunner_info" in exposed
+
+    # A runner of the removed scale set that is still stopping calls its hooks late: they make
+    # no series again (nothing would ever drop them).
+    recorder.record_job_completed(job_completed("linux-2", "succeeded", finish_time=now))
+    recorder.record_statistics(RunnerScaleSetStatistic(total_assigned_jobs=0))
+    recorder.record_desired_runners(0)
+    recorder.on_reap("linux-3", "idle_timeout")
+    recorder.record_poll()
+    assert 'name="linux"' not in metrics.exposition()[0].decode()
 
 
 def test_each_metrics_has_its_own_registry() -> None:
