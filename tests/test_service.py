@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import logging
 import os
@@ -18,7 +19,7 @@ from outrunner.log import SimpleHandler
 from outrunner.provisioner import Provisioner, RunnerRequest
 from outrunner.scaleset import Client, NameLookupError, PersonalAccessToken, RetryPolicy
 from outrunner.scaleset.types import Label
-from outrunner.service import Service, serve
+from outrunner.service import YOUNG_GC_THRESHOLD, Service, serve
 from outrunner.testing import Endpoint, FakeGitHub, InMemoryProvisioner, run_agent
 from outrunner.worker import Backoff, ScaleSetWorker, labels_match
 
@@ -320,13 +321,18 @@ async def test_serve_stops_cleanly_on_sigterm() -> None:
         service = Service(
             config, token=TOKEN, provisioner_factory=memory_factory({}), client_factory=fast_client
         )
+        before = gc.get_threshold()
         serving = asyncio.create_task(serve(service))
         async with asyncio.timeout(10):
             await service.wait_ready()
+        # While serving, the youngest generation is collected less often; then as before.
+        assert gc.get_threshold()[0] == YOUNG_GC_THRESHOLD
+        assert gc.get_threshold()[1:] == before[1:]
         os.kill(os.getpid(), signal.SIGTERM)
         async with asyncio.timeout(10):
             await serving
         assert gh.sessions() == []
+    assert gc.get_threshold() == before
 
 
 async def test_setup_waits_out_an_unreachable_github_instead_of_failing() -> None:
