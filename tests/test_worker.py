@@ -282,11 +282,10 @@ async def test_a_short_outage_resumes_the_same_session_instead_of_abandoning_it(
         assert gh.sessions() == []
 
 
-async def test_a_message_whose_acknowledgement_failed_is_read_again_after_resuming() -> None:
-    # Every retry of one DELETE fails, so the listener fails and the worker resumes the same
-    # session. The message was never acknowledged: the resumed listener must poll from before
-    # it, or its offer (older GHES assigns a job only once it is acquired) is never acquired
-    # and the job waits forever, holding a slot of the scale set's capacity.
+async def one_job_in_acquire_mode_despite(fail: Endpoint) -> FakeGitHub:
+    """Run one job through a worker against FakeGitHub in acquire mode (older GHES: jobs are
+    offered, and assigned once acquired) while every retry of one call to ``fail`` fails; the
+    job must succeed and nothing be left. Returns the (stopped) fake, for its request log."""
     async with FakeGitHub(pat=TOKEN, long_poll_timeout=0.3, acquire_mode=True) as gh:
         async with fast_client(gh.config_url(), TOKEN) as client:
             prov = InMemoryProvisioner(workload=agent)
@@ -295,40 +294,29 @@ async def test_a_message_whose_acknowledgement_failed_is_read_again_after_resumi
             )
             task = await start_worker(worker)
             try:
-                gh.fail_next(Endpoint.DELETE_MESSAGE, times=5)  # every retry of one call
+                gh.fail_next(fail, times=5)  # every retry of one call
                 job = gh.queue_job(["linux"], duration=0.1)
                 await gh.wait_until_jobs_completed_async(1, timeout=15)
                 assert gh.job(job).result == "succeeded"
-                assert [r.status for r in gh.requests_to(Endpoint.CREATE_SESSION)] == [200]
-                assert gh.pending_faults(Endpoint.DELETE_MESSAGE) == 0
+                assert gh.pending_faults(fail) == 0
                 await gh.wait_for_async(lambda: worker.scaler.runners() == [], timeout=10)
             finally:
                 await stop_worker(task)
         assert prov.environments == {}
         assert gh.runners() == []
+    return gh
+
+
+async def test_a_message_whose_acknowledgement_failed_is_read_again_after_resuming() -> None:
+    # The listener fails and the worker resumes the same session. The message was never
+    # acknowledged: the resumed listener must poll from before it, or its offer is never
+    # acquired and the job waits forever, holding a slot of the scale set's capacity.
+    gh = await one_job_in_acquire_mode_despite(Endpoint.DELETE_MESSAGE)
+    assert [r.status for r in gh.requests_to(Endpoint.CREATE_SESSION)] == [200]
 
 
 async def test_jobs_offered_while_acquisition_fails_are_acquired_after_reconnecting() -> None:
-    # Older GHES offers jobs (JobAvailable) and assigns them only once acquired. The offer's
-    # message is acknowledged first, so when every attempt to acquire fails, the worker must
-    # remember the offer: GitHub does not make it again.
-    async with FakeGitHub(pat=TOKEN, long_poll_timeout=0.3, acquire_mode=True) as gh:
-        async with fast_client(gh.config_url(), TOKEN) as client:
-            prov = InMemoryProvisioner(workload=agent)
-            worker = ScaleSetWorker(
-                client, runner(), max_runners=2, provisioner=prov, owner="me", backoff=FAST
-            )
-            task = await start_worker(worker)
-            try:
-                gh.fail_next(Endpoint.ACQUIRE_JOBS, times=5)  # every retry of one call
-                job = gh.queue_job(["linux"], duration=0.1)
-                await gh.wait_until_jobs_completed_async(1, timeout=15)
-                assert gh.job(job).result == "succeeded"
-                acquisitions = gh.requests_to(Endpoint.ACQUIRE_JOBS)
-                assert len(acquisitions) == 6
-                assert gh.pending_faults(Endpoint.ACQUIRE_JOBS) == 0
-                await gh.wait_for_async(lambda: worker.scaler.runners() == [], timeout=10)
-            finally:
-                await stop_worker(task)
-        assert prov.environments == {}
-        assert gh.runners() == []
+    # The offer's message is acknowledged first, so when every attempt to acquire fails, the
+    # worker must remember the offer: GitHub does not make it again.
+    gh = await one_job_in_acquire_mode_despite(Endpoint.ACQUIRE_JOBS)
+    assert len(gh.requests_to(Endpoint.ACQUIRE_JOBS)) == 6
