@@ -588,11 +588,11 @@ class Scaler:
                     else:
                         self._forget(state.name)
                     return
-            deregistered = await self._wait_for_end(state)
+            deregistered, why = await self._wait_for_end(state)
             ran_job = state.phase is RunnerPhase.RUNNING
             self._set_phase(state, RunnerPhase.STOPPING)
             self._stopping[state.name] = state
-            self._log.info("Stopping runner", name=state.name)
+            self._log.info("Stopping runner", name=state.name, reason=why)
             await self._stop(state.name)
             if deregistered:
                 self._forget(state.name)
@@ -616,10 +616,11 @@ class Scaler:
                 # be a 50 s long poll away.
                 self._schedule_start_retry()
 
-    async def _wait_for_end(self, state: RunnerState) -> bool:
+    async def _wait_for_end(self, state: RunnerState) -> tuple[bool, str]:
         """Wait for the job to complete, the environment to end, a forced shutdown, or (while
         draining, for a runner without a job) a successful release. True when the runner was
-        released, i.e. its registration is already removed."""
+        released, i.e. its registration is already removed; and which of these it was (the
+        ``reason`` of the "Stopping runner" line)."""
         watcher = None
         if self._exit_watcher is not None:
             watcher = asyncio.create_task(self._wait_exited(self._exit_watcher, state.name))
@@ -629,8 +630,9 @@ class Scaler:
                 if state.phase is not RunnerPhase.RUNNING and not state.release_tried:
                     # indexes 2 and 3: drained, or reaped for its age: release it, then go on
                     ends += [self._draining, state.release_signal]
-                if await self._first_end(state, watcher, ends) < 2:
-                    return False
+                got = await self._first_end(state, watcher, ends)
+                if got < 2:
+                    return False, _end_reason(state, got)
                 if state.phase is RunnerPhase.RUNNING:
                     continue  # it took a job while waiting: the drain leaves it alone
                 state.release_tried = True
@@ -638,9 +640,9 @@ class Scaler:
                 release = asyncio.ensure_future(self._release(state))
                 if await self._first_end(state, watcher, [release]) < 0:
                     await cancel_and_wait(release)
-                    return False
+                    return False, _end_reason(state, -1)
                 if release.result():
-                    return True
+                    return True, "released"
         finally:
             await cancel_and_wait(watcher)
 
@@ -682,10 +684,9 @@ class Scaler:
             del poll
             if exited:
                 break
-        if state.phase is RunnerPhase.RUNNING or state.is_done:
-            self._log.info("Runner environment exited", name=state.name)
-        else:
+        if state.phase is not RunnerPhase.RUNNING and not state.is_done:
             self._log.warning("Runner environment ended without running a job", name=state.name)
+        # Otherwise the "Stopping runner" line that follows says it (reason=environment exited).
         return -1
 
     async def _wait_exited(self, watcher: ExitWatcher, name: str) -> None:
@@ -1059,6 +1060,14 @@ class Scaler:
             self._journal.forget(name)
         except Exception as exc:
             self._log.error("Cannot write the runner journal", name=name, error=str(exc))
+
+
+def _end_reason(state: RunnerState, got: int) -> str:
+    """What ended ``state``'s wait, from :meth:`Scaler._first_end`'s answer (the ``ends`` of
+    :meth:`Scaler._wait_for_end` begin with the runner's done signal and the forced shutdown)."""
+    if got == 0:  # done: its job completed, or the reaper gave up on a wedged one
+        return "max_lifetime" if state.reaped else "job completed"
+    return "shutdown" if got == 1 else "environment exited"
 
 
 class _Start(Enum):

@@ -303,7 +303,8 @@ def test_a_runner_that_exits_after_its_job_is_gone_within_2_s_without_any_messag
                 eventually(lambda: name not in containers(engine), timeout=10, what="removal")
                 took = time.monotonic() - finished
             assert took < 2.0, took
-            assert "Runner environment exited" in script.output(), script.output()[-6000:]
+            assert "Stopping runner" in script.output(), script.output()[-6000:]
+            assert 'reason="environment exited"' in script.output(), script.output()[-6000:]
             gh.wait_for(lambda: gh.runners() == [], timeout=60)
             output = stop(script)
         assert_nothing_left(gh, engine, output)

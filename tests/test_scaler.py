@@ -694,10 +694,35 @@ async def test_job_completed_just_after_the_environment_ended_is_not_a_death(
     await s.handle_job_completed(JobCompleted(runner_name=name, result="succeeded"))  # ... then
     await eventually(lambda: s.pending_deregistrations() == [])
     assert "Runner environment ended without running a job" not in caplog.messages
-    (exited,) = [r for r in caplog.records if r.getMessage() == "Runner environment exited"]
-    assert exited.levelno == logging.INFO
+    (stopping,) = [r for r in caplog.records if r.getMessage() == "Stopping runner"]
+    assert stopping.levelno == logging.INFO
+    assert stopping.attrs["reason"] == "environment exited"  # type: ignore[attr-defined]
     assert prov.stopped == [name]
     assert client.removed == [1]
+    await s.shutdown()
+
+
+async def test_the_stopping_line_says_what_ended_the_runner(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    client = FakeClient()
+    prov = InMemoryProvisioner()
+    caplog.set_level(logging.INFO, logger="outrunner")
+    s = make_scaler(client, prov)
+    await s.handle_desired_runner_count(2)
+    await eventually(lambda: phases(s) == [RunnerPhase.IDLE] * 2)
+    busy, idle = (r.name for r in s.runners())
+    await s.handle_job_started(JobStarted(runner_name=busy))
+    await s.handle_job_completed(JobCompleted(runner_name=busy, result="succeeded"))
+    await eventually(lambda: [r.name for r in s.runners()] == [idle])
+    s.drain()  # the idle one is released
+    await eventually(lambda: s.runners() == [])
+    reasons = {
+        r.attrs["name"]: r.attrs["reason"]  # type: ignore[attr-defined]
+        for r in caplog.records
+        if r.getMessage() == "Stopping runner"
+    }
+    assert reasons == {busy: "job completed", idle: "released"}
     await s.shutdown()
 
 

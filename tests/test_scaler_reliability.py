@@ -684,7 +684,9 @@ async def test_adopted_runner_ends_when_its_environment_exits(
         await s.wait_empty()
     assert prov.stopped == [name]
     await eventually(lambda: client.removed == [7])
-    assert [r.levelno for r in messages(caplog, "Runner environment exited")] == [logging.INFO]
+    (stopping,) = messages(caplog, "Stopping runner")
+    assert stopping.levelno == logging.INFO
+    assert stopping.attrs["reason"] == "environment exited"  # type: ignore[attr-defined]
     await s.shutdown()
 
 
