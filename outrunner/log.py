@@ -84,7 +84,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Literal, TextIO, TypeAlias
+from typing import Final, Literal, TextIO, TypeAlias, TypeGuard
 
 __all__ = [
     "BoundLogger",
@@ -307,6 +307,16 @@ def _safe_str(value: object) -> str:
         return f"<unprintable {type(value).__name__}: {type(exc).__name__}>"
 
 
+_PLAIN: Final = frozenset({str, int, float, bool, type(None)})
+
+
+def _is_group(value: object) -> TypeGuard[Mapping[object, object]]:
+    """Whether ``value`` is a group of attributes (a mapping). Most values are plain: telling
+    them apart by type first skips ``Mapping``'s abstract-class check, several per record."""
+    kind = type(value)
+    return kind is dict or (kind not in _PLAIN and isinstance(value, Mapping))
+
+
 def _quote(text: str) -> str:
     """Print ``text`` bare when that is unambiguous, else as a JSON string literal."""
     if text and text.isprintable() and " " not in text and "=" not in text and '"' not in text:
@@ -355,7 +365,7 @@ class TextFormatter(_Base):
         if message:  # Go would print a double space for an empty message
             parts.append(message)
         attrs = getattr(record, "attrs", None)
-        if isinstance(attrs, Mapping):
+        if _is_group(attrs):
             self._append_attrs(parts, attrs, "")
         elif attrs is not None:  # not our convention, but do not lose it
             parts.append("attrs=" + self._value(attrs))
@@ -372,7 +382,7 @@ class TextFormatter(_Base):
             if key is None or key == "":
                 continue
             name = prefix + str(key)
-            if isinstance(value, Mapping):
+            if _is_group(value):
                 self._append_attrs(parts, value, name + ".")
             else:
                 parts.append(f"{_quote(name)}={self._value(value)}")
@@ -412,7 +422,7 @@ class JsonFormatter(_Base):
             "logger": record.name,
         }
         attrs = getattr(record, "attrs", None)
-        if isinstance(attrs, Mapping):
+        if _is_group(attrs):
             for key, value in self._object(attrs).items():
                 out["_" + key if key in self._FIELDS else key] = value
         elif attrs is not None:
@@ -429,7 +439,7 @@ class JsonFormatter(_Base):
         for key, value in attrs.items():
             if key is None or key == "":
                 continue
-            if isinstance(value, Mapping):
+            if _is_group(value):
                 group = self._object(value)
                 if group:  # slog omits empty groups
                     out[str(key)] = group
