@@ -367,23 +367,24 @@ def _replay(data: bytes) -> _Replay:
 _ENCODER: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
 
+# What the encoder quotes a str with when ensure_ascii is set.
+_quote: Final[Callable[[str], str]] = json.encoder.encode_basestring_ascii
+
+
 def _line(record: Mapping[str, object]) -> bytes:
     return (_ENCODER.encode(record) + "\n").encode("ascii")
 
 
 def _put_line(entry: JournalEntry) -> bytes:
-    return _line(
-        {
-            "v": FORMAT_VERSION,
-            "op": "put",
-            "scale_set": entry.scale_set,
-            "name": entry.name,
-            "runner_id": entry.runner_id,
-            "backend": entry.backend,
-            "phase": entry.phase.value,
-            "updated_at": entry.updated_at,
-        }
-    )
+    # The same bytes as _line() of the record as a dict (a test compares them), at half the
+    # cost: a runner's lifecycle writes six. JournalEntry has checked every field already (str,
+    # int >= 0, a finite float), and strings are quoted by the function the encoder uses.
+    q = _quote
+    return (
+        f'{{"v":{FORMAT_VERSION},"op":"put","scale_set":{q(entry.scale_set)},'
+        f'"name":{q(entry.name)},"runner_id":{entry.runner_id},"backend":{q(entry.backend)},'
+        f'"phase":{q(entry.phase.value)},"updated_at":{float.__repr__(entry.updated_at)}}}\n'
+    ).encode("ascii")
 
 
 def _forget_line(name: str) -> bytes:

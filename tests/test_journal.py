@@ -153,6 +153,42 @@ def test_close_is_idempotent_and_a_closed_journal_refuses_writes(tmp_path: Path)
 # Damaged files: loaded as far as possible, every problem reported, never raised
 
 
+@pytest.mark.parametrize(
+    ("name", "runner_id", "updated_at"),
+    [
+        ("linux-0a1b2c3d", 7, 1764500000.123456),
+        ('we"ird\\na\u00efve\u2028\x01', 0, 0.0),
+        ("x", 2**63 - 1, 1e22),
+        ("\U0001f600", 1, 5e-324),
+    ],
+)
+def test_a_put_line_is_what_the_json_encoder_writes(
+    name: str, runner_id: int, updated_at: float
+) -> None:
+    for phase in JournalPhase:
+        entry = JournalEntry(
+            scale_set="sc\u00e9ne",
+            name=name,
+            runner_id=runner_id,
+            backend="docker",
+            phase=phase,
+            updated_at=updated_at,
+        )
+        record = {
+            "v": journal_module.FORMAT_VERSION,
+            "op": "put",
+            "scale_set": entry.scale_set,
+            "name": entry.name,
+            "runner_id": entry.runner_id,
+            "backend": entry.backend,
+            "phase": entry.phase.value,
+            "updated_at": entry.updated_at,
+        }
+        line = journal_module._put_line(entry)
+        assert line == journal_module._line(record)
+        assert json.loads(line) == record
+
+
 def test_a_record_cut_mid_line_is_reported_as_torn_and_appends_continue_cleanly(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
