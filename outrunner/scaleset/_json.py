@@ -89,9 +89,7 @@ class _Object:
             raise DecodeError(f"{what}: expected a JSON object, got {_kind(raw)}")
         self._what = what
         # Lower-cased keys, in document order, so the last case-insensitive match wins like in Go.
-        self._values: dict[str, object] = {}
-        for key, value in raw.items():
-            self._values[key.lower()] = value
+        self._values: dict[str, object] = {key.lower(): value for key, value in raw.items()}
 
     def _get(self, key: str, expected: type | tuple[type, ...]) -> Any:
         value = self._values.get(key.lower())
@@ -317,23 +315,50 @@ def _parse_uuid(text: str | None, where: str) -> str:
         raise DecodeError(f"{where}: {text!r} is not a UUID") from exc
 
 
+# A job's fields (dataclass field, JSON key, the key lower-cased), by kind.
+_JOB_STRINGS: Final = tuple(
+    (field, key, key.lower())
+    for field, key in (
+        ("message_type", "messageType"),
+        ("repository_name", "repositoryName"),
+        ("owner_name", "ownerName"),
+        ("job_id", "jobId"),
+        ("job_workflow_ref", "jobWorkflowRef"),
+        ("job_display_name", "jobDisplayName"),
+        ("event_name", "eventName"),
+    )
+)
+_JOB_TIMES: Final = tuple(
+    (field, key, key.lower())
+    for field, key in (
+        ("queue_time", "queueTime"),
+        ("scale_set_assign_time", "scaleSetAssignTime"),
+        ("runner_assign_time", "runnerAssignTime"),
+        ("finish_time", "finishTime"),
+    )
+)
+
+
 def _job_fields(obj: _Object) -> dict[str, Any]:
-    return {
-        "message_type": obj.string("messageType"),
+    # Every entry of every message comes through here (three per job). A present string is
+    # taken as it is; anything else (absent, null, a wrong type, a bad timestamp) goes through
+    # the _Object getter, which gives the zero value or raises with the key's name.
+    values = obj._values
+    fields: dict[str, Any] = {
         "runner_request_id": obj.integer("runnerRequestId"),
-        "repository_name": obj.string("repositoryName"),
-        "owner_name": obj.string("ownerName"),
-        "job_id": obj.string("jobId"),
-        "job_workflow_ref": obj.string("jobWorkflowRef"),
-        "job_display_name": obj.string("jobDisplayName"),
         "workflow_run_id": obj.integer("workflowRunId"),
-        "event_name": obj.string("eventName"),
         "request_labels": obj.array("requestLabels", _str_item),
-        "queue_time": obj.timestamp("queueTime"),
-        "scale_set_assign_time": obj.timestamp("scaleSetAssignTime"),
-        "runner_assign_time": obj.timestamp("runnerAssignTime"),
-        "finish_time": obj.timestamp("finishTime"),
     }
+    for field, key, lower in _JOB_STRINGS:
+        value = values.get(lower)
+        fields[field] = value if type(value) is str else obj.string(key)
+    for field, key, lower in _JOB_TIMES:
+        value = values.get(lower)
+        try:
+            fields[field] = _parse_time(value) if type(value) is str else obj.timestamp(key)
+        except ValueError:
+            fields[field] = obj.timestamp(key)  # raises, naming the key
+    return fields
 
 
 def parse_message(raw: object) -> RunnerScaleSetMessage:

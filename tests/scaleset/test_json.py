@@ -115,6 +115,17 @@ def test_last_case_insensitive_key_wins() -> None:
         b'{"runner": {"id": 1, "name": "a"}, "encodedJITConfig": "A", "encodedJitConfig": "B"}'
     )
     assert _json.parse_jit_config(raw).encoded_jit_config == "B"
+    job = {
+        "messageType": "JobStarted",
+        "JOBDISPLAYNAME": "first",
+        "jobdisplayname": "build",
+        "QueueTime": "2026-01-01T00:00:00Z",
+        "WorkflowRunId": 7,
+    }
+    started = parse(envelope([job])).jobs_started[0]
+    assert started.job_display_name == "build"
+    assert started.queue_time == datetime(2026, 1, 1, tzinfo=UTC)
+    assert started.workflow_run_id == 7
 
 
 def test_empty_or_absent_body_has_no_jobs() -> None:
