@@ -700,6 +700,25 @@ async def test_idle_connections_past_their_expiry_are_closed_by_any_request(
         assert transport.connections == 1  # the first server's is closed, not kept
 
 
+async def test_idle_connections_are_swept_at_most_every_second(
+    serve: Callable[[Handler], Awaitable[Server]],
+) -> None:
+    # A dead connection is never reused (test_a_connection_the_server_closed_while_idle_is_not_
+    # reused); one to a server no request goes to is closed by the next sweep.
+    one, other = await serve(ok), await serve(ok)
+    transport = http11(keepalive_expiry=4.0)  # a sweep at most every second
+    async with httpx.AsyncClient(transport=transport) as http:
+        assert (await http.get(f"{one.url}/")).status_code == 200  # swept here
+        assert (await http.get(f"{other.url}/")).status_code == 200
+        one.close_idle_connections()
+        await asyncio.sleep(0.05)  # the FIN arrives
+        assert (await http.get(f"{other.url}/")).status_code == 200
+        assert transport.connections == 2  # the dead one: no sweep within 1 s of the last
+        await asyncio.sleep(1.1)
+        assert (await http.get(f"{other.url}/")).status_code == 200
+        assert transport.connections == 1
+
+
 async def test_a_server_switching_protocols_is_an_error_not_a_hang(
     serve: Callable[[Handler], Awaitable[Server]],
 ) -> None:
