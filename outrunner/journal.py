@@ -388,7 +388,8 @@ def _put_line(entry: JournalEntry) -> bytes:
 
 
 def _forget_line(name: str) -> bytes:
-    return _line({"v": FORMAT_VERSION, "op": "forget", "name": name})
+    # As _put_line: the bytes _line() writes for the same record, formatted directly.
+    return f'{{"v":{FORMAT_VERSION},"op":"forget","name":{_quote(name)}}}\n'.encode("ascii")
 
 
 def _session_line(scale_set: str, session_id: str) -> bytes:

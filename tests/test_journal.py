@@ -162,7 +162,7 @@ def test_close_is_idempotent_and_a_closed_journal_refuses_writes(tmp_path: Path)
         ("\U0001f600", 1, 5e-324),
     ],
 )
-def test_a_put_line_is_what_the_json_encoder_writes(
+def test_put_and_forget_lines_are_what_the_json_encoder_writes(
     name: str, runner_id: int, updated_at: float
 ) -> None:
     for phase in JournalPhase:
@@ -187,6 +187,8 @@ def test_a_put_line_is_what_the_json_encoder_writes(
         line = journal_module._put_line(entry)
         assert line == journal_module._line(record)
         assert json.loads(line) == record
+    forget = {"v": journal_module.FORMAT_VERSION, "op": "forget", "name": name}
+    assert journal_module._forget_line(name) == journal_module._line(forget)
 
 
 def test_a_record_cut_mid_line_is_reported_as_torn_and_appends_continue_cleanly(
