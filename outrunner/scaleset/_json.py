@@ -315,28 +315,22 @@ def _parse_uuid(text: str | None, where: str) -> str:
         raise DecodeError(f"{where}: {text!r} is not a UUID") from exc
 
 
-# A job's fields (dataclass field, JSON key, the key lower-cased), by kind.
-_JOB_STRINGS: Final = tuple(
-    (field, key, key.lower())
-    for field, key in (
-        ("message_type", "messageType"),
-        ("repository_name", "repositoryName"),
-        ("owner_name", "ownerName"),
-        ("job_id", "jobId"),
-        ("job_workflow_ref", "jobWorkflowRef"),
-        ("job_display_name", "jobDisplayName"),
-        ("event_name", "eventName"),
-    )
+def _keys(*fields: str) -> tuple[tuple[str, str, str], ...]:
+    """(dataclass field, JSON key, the key lower-cased) of each JSON key given."""
+    return tuple((re.sub("[A-Z]", lambda m: "_" + m[0].lower(), k), k, k.lower()) for k in fields)
+
+
+# A job's fields by kind.
+_JOB_STRINGS: Final = _keys(
+    "messageType",
+    "repositoryName",
+    "ownerName",
+    "jobId",
+    "jobWorkflowRef",
+    "jobDisplayName",
+    "eventName",
 )
-_JOB_TIMES: Final = tuple(
-    (field, key, key.lower())
-    for field, key in (
-        ("queue_time", "queueTime"),
-        ("scale_set_assign_time", "scaleSetAssignTime"),
-        ("runner_assign_time", "runnerAssignTime"),
-        ("finish_time", "finishTime"),
-    )
-)
+_JOB_TIMES: Final = _keys("queueTime", "scaleSetAssignTime", "runnerAssignTime", "finishTime")
 
 
 def _job_fields(obj: _Object) -> dict[str, Any]:
