@@ -303,6 +303,10 @@ async def test_token_never_reaches_the_log() -> None:
             async with running(service):
                 gh.queue_job(["linux"], duration=0.05)
                 await gh.wait_until_jobs_completed_async(1, timeout=10)
+                # The fake counts the job completed once the runner says so; the service hears
+                # of it in the next message. Stopping before that message would leave its line
+                # out of the log (the runner's exit alone ends the runner).
+                await gh.wait_for_async(lambda: "Job completed" in stream.getvalue(), timeout=10)
                 # Even code that logs the token by mistake prints it masked.
                 logging.getLogger("outrunner.test").warning("oops %s", TOKEN)
     finally:
