@@ -348,10 +348,13 @@ def _job_fields(obj: _Object) -> dict[str, Any]:
         fields[field] = value if type(value) is str else obj.string(key)
     for field, key, lower in _JOB_TIMES:
         value = values.get(lower)
-        try:
-            fields[field] = _parse_time(value) if type(value) is str else obj.timestamp(key)
-        except ValueError:
-            fields[field] = obj.timestamp(key)  # raises, naming the key
+        if type(value) is str:
+            try:
+                fields[field] = _parse_time(value)
+                continue
+            except ValueError:
+                pass
+        fields[field] = obj.timestamp(key)  # the zero value, or raises naming the key
     return fields
 
 
