@@ -360,21 +360,16 @@ class ScaleSetMetrics:
         f = self._families
         if f is None:
             return
+        # Every series this recorder writes is one of its children (made by _initialise or on
+        # first write), but the two that follow() reads from the Scaler at scrape time.
         labels = self._scale_set_labels
-        scale_set_gauges = (*f.counts, f.max_runners, f.min_runners)
-        removals: list[tuple[Any, tuple[str, ...]]] = [(g, labels) for g in scale_set_gauges]
-        removals += [(f.reconnects, (self.name, s)) for s in _SESSIONS]
-        removals += [(f.reaped, (self.name, r)) for r in self.reaped]
-        backend = (self.name, self.backend)
-        removals += [(m, backend) for m in (f.start_failures, f.provisioning, f.stopping)]
-        removals.append((f.last_poll, (self.name,)))
-        removals += self._children
+        removals = [*self._children, (f.max_runners, labels), (f.min_runners, labels)]
         self._children.clear()
         # A late hook call (a runner of the removed scale set still stopping) writes nothing,
         # instead of making a series again that nothing would ever drop.
         self._families = None
-        for family, values in dict.fromkeys(removals):
-            # Older prometheus_client raise KeyError for a series never created (no poll yet).
+        for family, values in removals:
+            # Older prometheus_client raise KeyError for a series never created (no follow()).
             with contextlib.suppress(KeyError):
                 family.remove(*values)
 
