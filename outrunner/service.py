@@ -691,19 +691,17 @@ async def serve(service: Service, *, on_reload: Callable[[], None] | None = None
     signal interrupts even a stuck shutdown. With ``on_reload``, SIGHUP calls it (on the event
     loop) instead of ending the process, as a service manager's "reload" expects.
 
-    Like the signal handlers, two things are for the whole process, and only while this runs:
-    what it allocated so far (modules, the config, clients) is moved out of the garbage
-    collector's way (``gc.freeze()``): it lives as long as the process, and each full
-    collection would walk it again, some 40,000 objects, 40 ms per pass on the reference
-    machine. And the youngest generation is collected after :data:`YOUNG_GC_THRESHOLD` net
-    allocations instead of Python's 700: most of what a runner's lifecycle allocates is freed
-    by reference counting well within that, so it is never walked. At 1,000 concurrent jobs
-    that took the collector's time from 819 to 233 ms in 5,000 lifecycles
-    (docs/performance.md). The previous thresholds are back when this returns.
+    Like the signal handlers, two things are for the whole process. What it allocated so far
+    (modules, the config, clients) is moved out of the garbage collector's way for good
+    (``gc.freeze()``): it lives as long as the process, and each full collection would walk it
+    again, some 40,000 objects, 40 ms per pass on the reference machine. And while this runs,
+    the youngest generation is collected after :data:`YOUNG_GC_THRESHOLD` net allocations
+    instead of Python's 700: most of what a runner's lifecycle allocates is freed by reference
+    counting well within that, so it is never walked. At 1,000 concurrent jobs that took the
+    collector's time from 819 to 233 ms in 5,000 lifecycles (docs/performance.md). The previous
+    thresholds are back when this returns.
     """
     gc.freeze()
-    thresholds = gc.get_threshold()
-    gc.set_threshold(max(thresholds[0], YOUNG_GC_THRESHOLD), *thresholds[1:])
     loop = asyncio.get_running_loop()
     signals = (signal.SIGINT, signal.SIGTERM)
 
@@ -722,6 +720,8 @@ async def serve(service: Service, *, on_reload: Callable[[], None] | None = None
         loop.add_signal_handler(sig, on_signal, sig)
     if on_reload is not None:
         loop.add_signal_handler(signal.SIGHUP, on_reload)
+    thresholds = gc.get_threshold()
+    gc.set_threshold(max(thresholds[0], YOUNG_GC_THRESHOLD), *thresholds[1:])
     try:
         await service.run()
     finally:
