@@ -76,11 +76,12 @@ ClientFactory = Callable[[str | None], docker.APIClient]
 """Builds a client for an engine URL (``None``: the SDK's default socket)."""
 
 DEFAULT_WORKERS: Final = 32
-"""Threads of the provisioner's own executor (made as needed; idle ones cost no CPU), and the
-engine connections its client keeps. With 4 threads the starts of a burst queued four at a
-time, and the last of 20 containers ran 1.27x later than 20 raw concurrent create+starts (four
-bursts: 1.25 to 1.32); with 32, 1.16x and 1.09x in two runs. For a burst of 50 the runs disagree
-(1.22x with 4; 1.05x and 1.24x with 32): docs/performance.md."""
+"""Threads of the provisioner's own executor (made as needed; idle ones cost no CPU); its
+client keeps twice as many engine connections (see :func:`default_client`). With 4 threads the
+starts of a burst queued four at a time, and the last of 20 containers ran 1.27x later than 20
+raw concurrent create+starts (four bursts: 1.25 to 1.32); with 32, 1.16x and 1.09x in two runs.
+For a burst of 50 the runs disagree (1.22x with 4; 1.05x and 1.24x with 32):
+docs/performance.md."""
 _MIB: Final = 1024 * 1024
 _GONE_TIMEOUT: Final = 30.0
 """Seconds a removal may stay "in progress" before stop gives up."""
@@ -176,15 +177,49 @@ def default_client(url: str | None) -> docker.APIClient:
     system ``ssh`` (its config, agent and known_hosts) and needs ``paramiko`` installed.
     """
     tls = kwargs_from_env().get("tls", False) if url and url.startswith("tcp://") else False
-    return docker.APIClient(
+    client = docker.APIClient(
         base_url=url,
         version="auto",
         tls=tls,
         use_ssh_client=bool(url and url.startswith("ssh://")),
-        # One connection per worker thread: a smaller pool would open and drop connections
-        # (with a warning each) whenever more calls run at once.
-        max_pool_size=DEFAULT_WORKERS,
+        # Room for every worker's call and the streams that hold a connection between reads
+        # (exit events, pulls): a fuller pool drops the connection it gets back, with a warning.
+        max_pool_size=2 * DEFAULT_WORKERS,
     )
+    _keep_engine_connections(client)
+    return client
+
+
+def _keep_engine_connections(client: docker.APIClient) -> None:
+    """Make a socket engine's client reuse its connections, and skip the proxy and netrc lookups
+    that cannot apply to a socket.
+
+    The SDK's adapter for ``unix://`` (and ``npipe://``, ``ssh://``) keys its connection pools by
+    each request's whole URL (``docker/transport/unixconn.py``, ``get_connection``), so every
+    call that names a new container (create, start, inspect, kill, remove) opens a new
+    connection to the engine, and past 25 URLs each new pool closes an older one: measured on
+    this machine, 2 connections per runner start instead of none. Keyed by the engine instead,
+    the calls share one pool of keep-alive connections, as the Go client's do. TCP engines use
+    the SDK's stock adapter, which already pools by host, and keep the environment's proxy
+    settings (``trust_env``): only a socket engine drops them.
+    """
+    if not str(client.base_url).startswith("http+docker://"):
+        return
+    client.trust_env = False
+    adapter = getattr(client, "_custom_adapter", None)
+    get_connection = getattr(adapter, "get_connection", None)
+    if adapter is None or get_connection is None or not hasattr(adapter, "pools"):
+        return  # another SDK layout: its own pooling stands
+    engine = str(client.base_url)
+
+    def connection_for_engine(url: str, proxies: Mapping[str, str] | None = None) -> Any:
+        return get_connection(engine, proxies)
+
+    # Both ways a requests version reaches the pool go through get_connection: requests >= 2.32.2
+    # via the SDK's get_connection_with_tls_context, older ones directly.
+    setattr(adapter, "get_connection", connection_for_engine)  # noqa: B010 - an SDK instance
+    # The version negotiation's pool, keyed by its URL, would keep its connection idle for good.
+    adapter.pools.clear()
 
 
 # --------------------------------------------------------------------------------------------

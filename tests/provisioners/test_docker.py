@@ -20,6 +20,7 @@ import docker
 import docker.errors
 import pytest
 import requests
+import urllib3.connectionpool
 from pytest_mock import MockerFixture
 
 from outrunner.config import DockerMount, RunnerConfig
@@ -399,6 +400,35 @@ async def test_burst_of_a_present_image_only_creates_and_starts(
         created = [r.attrs["name"] for r in caplog.records if r.getMessage() == "Container created"]  # type: ignore[attr-defined]
         assert sorted(created) == sorted(r.name for r in requests)
         await asyncio.gather(*(provisioner.stop(r.name) for r in requests))
+
+
+async def test_engine_calls_reuse_their_connections(
+    mocker: MockerFixture, scale_set: str, runner_image: str
+) -> None:
+    # The SDK's socket adapter pools connections by URL, so each call naming a new container
+    # opened a connection of its own (2 per start); default_client keys the pool by engine.
+    from docker.transport import unixconn
+
+    connects = mocker.spy(unixconn.UnixHTTPConnection, "connect")
+    client = default_client(None)
+    if not str(client.base_url).startswith("http+docker://"):
+        client.close()
+        pytest.skip("the engine is not reached through a socket here")
+    assert client.trust_env is False  # no proxy or netrc applies to a socket
+    pool_full = mocker.spy(urllib3.connectionpool.log, "warning")  # "Connection pool is full"
+    requests = [request(scale_set) for _ in range(6)]
+    async with DockerProvisioner(client_factory=lambda url: client) as provisioner:
+        for req in requests:  # one call at a time: one connection serves them all
+            await provisioner.start(req)
+            assert await provisioner.exited(req.name) is False
+        for req in requests:
+            await provisioner.stop(req.name)
+        # 6 creates, 6 starts, 6 inspects and each stop's engine calls, plus the exit-event
+        # stream, which holds a connection of its own while it is open.
+        assert connects.call_count <= 3, connects.call_count
+        adapter = client._custom_adapter  # type: ignore[attr-defined]
+        assert len(adapter.pools) == 1
+    assert pool_full.call_count == 0
 
 
 @pytest.fixture
