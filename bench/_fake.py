@@ -125,6 +125,12 @@ class _Controls:
                 self.raw_scale_set = gh.create_scale_set("bench-raw", ["bench-raw"])
             names = [str(name) for name in request["names"]]
             return {"jit": [gh.generate_jit_config(self.raw_scale_set, name) for name in names]}
+        if cmd == "unregister":
+            # The raw baseline's runners once their containers are gone: as a real orchestrator
+            # deregisters them. Otherwise each agent's connect (a 30 s long poll at the fake)
+            # outlives its container, and every change of the fake's state wakes it.
+            names = [str(name) for name in request["names"]]
+            return {"removed": sum(gh.remove_runner(name) for name in names)}
         if cmd == "state":
             return self._state()
         if cmd == "timings":

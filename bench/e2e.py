@@ -14,7 +14,7 @@ outrunner's process alone. Scenarios:
 
 * ``docker``: a single job, queued at the fake -> its container's ``start`` event (the engine's
   clock), against the SDK's create+start of the same image in the same run, interleaved, with
-  the time split; bursts of 20 and 50 jobs against as many concurrent raw create+starts, four
+  the time split; bursts of 20 and 50 jobs against as many concurrent raw create+starts, six
   of each, the two sides taking turns going first and each starting on a quiet machine (dirty
   pages written back, under a quarter of a core busy); a warm pool (``min_runners: 1``): queued
   -> the waiting runner has the job.
@@ -112,7 +112,7 @@ class Settings:
             single_samples=5 if quick else 12,
             bursts=[20] if quick else [20, 50],
             # Even: each side goes first as often as the other.
-            burst_repeats=1 if quick else 4,
+            burst_repeats=1 if quick else 6,
             warm_samples=3 if quick else 10,
             memory_levels=[10, 100, 1000],
             jobs_per_slot=1 if quick else 5,
@@ -479,6 +479,7 @@ def run_docker(bench: Bench) -> dict[str, Any]:
                 named = set(names).__contains__
                 starts = [e.t - began for e in events.wait("start", named, len(names), began, 120)]
                 remove_containers(api, names)
+                fake.request("unregister", names=names)
                 events.wait("destroy", named, len(names), began, 60)
                 return starts
 

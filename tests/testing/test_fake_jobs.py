@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import time
 from typing import Any
 
 import pytest
@@ -17,6 +18,7 @@ from outrunner.testing.fakegithub import (
     RunnerStatus,
     Statistics,
 )
+from outrunner.testing.fakegithub.errors import ApiError
 from tests.testing.raw import Raw, Session, jobs_of, raw_client
 
 AGENTS = "_apis/distributedtask/pools/0/agents"
@@ -270,3 +272,47 @@ def test_queue_job_validation(gh: FakeGitHub) -> None:
         gh.statistics(42)
     with pytest.raises(ValueError, match="exists"):
         gh.add_runner_group("Default")
+
+
+@pytest.mark.anyio
+async def test_remove_runner_ends_its_waiting_connect(gh: FakeGitHub, raw: Raw) -> None:
+    scale_set_id = raw.create_scale_set()
+    credential = decode_jit_config(gh.generate_jit_config(scale_set_id, "Gone-1")).credential
+
+    def connect() -> tuple[int, float]:
+        start = time.monotonic()
+        reply = raw.http.post(
+            f"{gh.url}/_agent/connect",
+            data={"wait": "30"},
+            headers={"Authorization": f"Bearer {credential}"},
+        )
+        return reply.status_code, time.monotonic() - start
+
+    waiting = asyncio.create_task(asyncio.to_thread(connect))
+    await asyncio.to_thread(gh.wait_for, lambda: gh.runners()[0].status is RunnerStatus.IDLE)
+    assert gh.remove_runner("gone-1")  # names are case-insensitive, as GitHub's
+    status, waited = await asyncio.wait_for(waiting, 10)
+    assert status == 404
+    assert waited < 5  # not the 30 s long poll
+    assert gh.runners() == []
+    assert gh.remove_runner("gone-1") is False
+
+
+@pytest.mark.anyio
+async def test_remove_runner_refuses_a_runner_with_a_running_job(gh: FakeGitHub, raw: Raw) -> None:
+    scale_set_id = raw.create_scale_set()
+    session = raw.create_session(scale_set_id)
+    await asyncio.to_thread(raw.poll, session)
+    credential = decode_jit_config(gh.generate_jit_config(scale_set_id, "busy-1")).credential
+    gh.queue_job(["linux"], duration=30)
+    reply = await asyncio.to_thread(
+        raw.http.post,
+        f"{gh.url}/_agent/connect",
+        data={"wait": "5"},
+        headers={"Authorization": f"Bearer {credential}"},
+    )
+    assert reply.status_code == 200
+    with pytest.raises(ApiError) as refused:
+        gh.remove_runner("busy-1")
+    assert refused.value.status == 409
+    assert [r.name for r in gh.runners()] == ["busy-1"]

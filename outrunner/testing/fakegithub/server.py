@@ -23,6 +23,7 @@ from urllib.parse import parse_qsl, urlsplit
 from outrunner.testing.fakegithub.apps import FakeApp
 from outrunner.testing.fakegithub.endpoints import AGENT_ENDPOINTS, SERVICE_ENDPOINTS, Endpoint
 from outrunner.testing.fakegithub.entities import Settings
+from outrunner.testing.fakegithub.errors import ApiError
 from outrunner.testing.fakegithub.faults import Fault, FaultPlan, failure
 from outrunner.testing.fakegithub.model import (
     JobInfo,
@@ -375,6 +376,21 @@ class FakeGitHub:
     def generate_jit_config(self, scale_set_id: int, runner_name: str) -> str:
         """Register a runner as generatejitconfig does; returns its ``encodedJITConfig``."""
         return self._state.generate_jit_config(scale_set_id, runner_name)
+
+    def remove_runner(self, name: str) -> bool:
+        """Remove a registered runner as an administrator would (``DELETE`` on it); returns
+        False when no runner has that name. Its agent's connect, waiting or not, then gets 404
+        (so a runner whose environment is gone stops holding a long poll). Raises
+        ``ApiError`` (409) while it runs a job, as GitHub does."""
+        runner = self.runner(name)
+        if runner is None:
+            return False
+        try:
+            self._state.delete_agent(runner.id)
+        except ApiError as exc:
+            if exc.status != 404:  # removed meanwhile, by its scaler: the same outcome
+                raise
+        return True
 
     def add_app(
         self,
