@@ -171,7 +171,9 @@ Test controls and inspection
   owner=None, workflow="ci.yml", display_name=None, event_name="push") -> int`` (the
   runnerRequestId); ``cancel_job(id)``; ``add_runner_group(name) -> int``;
   ``create_scale_set(name, labels, *, runner_group_id=1) -> int`` and
-  ``generate_jit_config(scale_set_id, runner_name) -> str`` (shortcuts past HTTP).
+  ``generate_jit_config(scale_set_id, runner_name) -> str`` (shortcuts past HTTP);
+  ``remove_runner(name) -> bool`` (as an administrator: its agent's connect gets 404 at once;
+  ``ApiError`` 409 while it runs a job).
 * ``jobs()``, ``job(id)`` -> ``JobInfo``; ``runners()`` -> ``RunnerInfo`` (id, name, scale set,
   status, job) of the runners registered now (removed ones are gone); ``runner(name)`` -> the one
   with that name (case-insensitive) or None, e.g. ``assert gh.runner("r-1") is None`` once its
