@@ -119,12 +119,26 @@ class _Controls:
             return {"t": began, "ids": ids}
         if cmd == "jit":
             # JIT configs of runners in a scale set of their own that no listener serves, for
-            # the raw baseline's containers: they run the same agent as outrunner's, which
-            # registers and waits for a job that never comes.
+            # the raw baseline's containers: they run the same agent as outrunner's.
             if self.raw_scale_set is None:
                 self.raw_scale_set = gh.create_scale_set("bench-raw", ["bench-raw"])
             names = [str(name) for name in request["names"]]
             return {"jit": [gh.generate_jit_config(self.raw_scale_set, name) for name in names]}
+        if cmd == "raw_jobs":
+            # A job waiting for each raw runner, so that its agent takes one as soon as it
+            # connects, as outrunner's agents do: the agents of the first containers then do the
+            # same work on both sides while the last ones start.
+            assert self.raw_scale_set is not None, "jit first"
+            duration = float(request["duration"])
+            ids = [
+                gh.assign_job(self.raw_scale_set, duration=duration)
+                for _ in range(int(request["n"]))
+            ]
+            return {"ids": ids}
+        if cmd == "cancel":
+            for job in request["ids"]:
+                gh.cancel_job(int(job))
+            return {}
         if cmd == "unregister":
             # The raw baseline's runners once their containers are gone: as a real orchestrator
             # deregisters them. Otherwise each agent's connect (a 30 s long poll at the fake)
@@ -168,7 +182,9 @@ class _Controls:
 
     def _state(self) -> dict[str, Any]:
         gh = self.gh
-        jobs = Counter(str(job.state) for job in gh.jobs())
+        jobs = Counter(
+            str(job.state) for job in gh.jobs() if job.scale_set_id != self.raw_scale_set
+        )
         runners = [r for r in gh.runners() if r.scale_set_id != self.raw_scale_set]
         sessions = gh.sessions()
         return {

@@ -469,7 +469,13 @@ def run_docker(bench: Bench) -> dict[str, Any]:
                 )
             result["single"] = {"outrunner": single, "raw": raw}
 
+            def job_seconds(size: int) -> float:
+                # The jobs last until every container has started, so no runner exits (and no
+                # engine removal runs) during the burst, on either side.
+                return max(10.0, size * 0.4)
+
             def run_raw(names: list[str], jits: list[str]) -> list[float]:
+                jobs = fake.request("raw_jobs", n=len(names), duration=job_seconds(len(names)))
                 began = raw_burst(
                     lambda: default_client(engine_url),
                     image,
@@ -478,16 +484,14 @@ def run_docker(bench: Bench) -> dict[str, Any]:
                 )
                 named = set(names).__contains__
                 starts = [e.t - began for e in events.wait("start", named, len(names), began, 120)]
+                fake.request("cancel", ids=jobs["ids"])
                 remove_containers(api, names)
                 fake.request("unregister", names=names)
                 events.wait("destroy", named, len(names), began, 60)
                 return starts
 
             def run_ours(size: int) -> tuple[float, list[float], list[Any]]:
-                # The jobs last until every container has started, so no runner exits (and no
-                # engine removal runs) during the burst: the raw containers stay up too.
-                duration = max(10.0, size * 0.4)
-                t = fake.request("queue", n=size, labels=[prefix], duration=duration)["t"]
+                t = fake.request("queue", n=size, labels=[prefix], duration=job_seconds(size))["t"]
                 started = [e.t - t for e in events.wait("start", ours, size, t, 180)]
                 settle(fake, out, timeout=180)
                 return t, started, out.request("records")["records"]
@@ -497,8 +501,9 @@ def run_docker(bench: Bench) -> dict[str, Any]:
                 for rep in range(settings.burst_repeats):
                     names = [f"{raw_prefix}b{size}x{rep}n{i}" for i in range(size)]
                     # The raw containers run the same runner agent as outrunner's (registered
-                    # in a scale set of their own; it waits for a job): the agents of the first
-                    # containers work while the last ones start, on the same cores, in both.
+                    # in a scale set of their own, where a job waits for each): the agents of
+                    # the first containers take their jobs while the last ones start, on the
+                    # same cores, in both.
                     jits = fake.request("jit", names=names)["jit"]
 
                     # Each side starts on a quiet machine, and they take turns going first: the

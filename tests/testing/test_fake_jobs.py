@@ -316,3 +316,22 @@ async def test_remove_runner_refuses_a_runner_with_a_running_job(gh: FakeGitHub,
         gh.remove_runner("busy-1")
     assert refused.value.status == 409
     assert [r.name for r in gh.runners()] == ["busy-1"]
+
+
+@pytest.mark.anyio
+async def test_assign_job_hands_a_job_to_a_runner_without_a_listener(gh: FakeGitHub) -> None:
+    # A baseline's runners (registered with generate_jit_config, no session polling) take the
+    # jobs assigned to their scale set, as runners behind a listener do.
+    scale_set_id = gh.create_scale_set("baseline", ["baseline"])
+    job = gh.assign_job(scale_set_id, duration=0.1)
+    assert gh.job(job).state is JobState.ASSIGNED
+    assert gh.job(job).scale_set_id == scale_set_id
+    assert gh.statistics(scale_set_id).total_assigned_jobs == 1
+    await run_agent(gh.generate_jit_config(scale_set_id, "base-1"), poll_timeout=1.0, timeout=5)
+    done = gh.job(job)
+    assert done.state is JobState.COMPLETED
+    assert done.result == "succeeded"
+    assert done.runner_name == "base-1"
+    with pytest.raises(ApiError) as unknown:
+        gh.assign_job(999)
+    assert unknown.value.status == 404

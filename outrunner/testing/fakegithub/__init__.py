@@ -169,7 +169,9 @@ Test controls and inspection
 ----------------------------
 * ``queue_job(labels=("linux",), *, duration=0.0, result="succeeded", repository="repo",
   owner=None, workflow="ci.yml", display_name=None, event_name="push") -> int`` (the
-  runnerRequestId); ``cancel_job(id)``; ``add_runner_group(name) -> int``;
+  runnerRequestId); ``assign_job(scale_set_id, *, duration=0.0, display_name=None) -> int`` (a
+  job already assigned to that scale set, for runners registered without a listener);
+  ``cancel_job(id)``; ``add_runner_group(name) -> int``;
   ``create_scale_set(name, labels, *, runner_group_id=1) -> int`` and
   ``generate_jit_config(scale_set_id, runner_name) -> str`` (shortcuts past HTTP);
   ``remove_runner(name) -> bool`` (as an administrator: its agent's connect gets 404 at once;

@@ -353,6 +353,15 @@ class FakeGitHub:
             event_name=event_name,
         )
 
+    def assign_job(
+        self, scale_set_id: int, *, duration: float = 0.0, display_name: str | None = None
+    ) -> int:
+        """Queue a job already assigned to a scale set, as if its listener had taken it; returns
+        its id. For runners registered with :meth:`generate_jit_config` and no listener (a
+        baseline's, a provisioner test's): the first such runner that connects takes it.
+        ``ApiError`` 404 for an unknown scale set."""
+        return self._state.assign_job(scale_set_id, duration=duration, display_name=display_name)
+
     def cancel_job(self, job: int) -> None:
         """Cancel a job: it completes with ``canceled`` (JobCompleted if it reached a scale
         set). A running job's agent is then refused when it reports."""

@@ -762,6 +762,7 @@ class State:
         workflow: str,
         display_name: str | None,
         event_name: str,
+        route: bool = True,
     ) -> int:
         if isinstance(labels, str):
             raise TypeError("labels must be a sequence of strings, not a string")
@@ -786,7 +787,30 @@ class State:
                 queue_time=utcnow(),
             )
             self._jobs[request_id] = self._open[request_id] = job
-            self._schedule()
+            if route:
+                self._schedule()
+                self._touch()
+            return request_id
+
+    def assign_job(self, scale_set_id: int, *, duration: float, display_name: str | None) -> int:
+        with self.lock:
+            scale_set = self._scale_set(scale_set_id)
+            if duration < 0:
+                raise ValueError("duration must not be negative")
+            request_id = self.queue_job(
+                [name for name, _ in scale_set.labels] or ["self-hosted"],
+                duration=duration,
+                result="succeeded",
+                repository="repo",
+                owner=None,
+                workflow="ci.yml",
+                display_name=display_name,
+                event_name="push",
+                route=False,
+            )
+            job = self._jobs[request_id]
+            job.scale_set_id = scale_set.id
+            self._assign(job, utcnow())
             self._touch()
             return request_id
 
