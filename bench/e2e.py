@@ -112,7 +112,7 @@ class Settings:
             single_samples=5 if quick else 12,
             bursts=[20] if quick else [20, 50],
             # Even: each side goes first as often as the other.
-            burst_repeats=1 if quick else 6,
+            burst_repeats=2 if quick else 6,
             warm_samples=3 if quick else 10,
             memory_levels=[10, 100, 1000],
             jobs_per_slot=1 if quick else 5,
