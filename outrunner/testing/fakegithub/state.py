@@ -762,8 +762,10 @@ class State:
         workflow: str,
         display_name: str | None,
         event_name: str,
-        route: bool = True,
+        assign_to: int | None = None,
     ) -> int:
+        """A new job, routed to a scale set with a listener as they poll, or with ``assign_to``
+        assigned to that scale set at once (see :meth:`assign_job`)."""
         if isinstance(labels, str):
             raise TypeError("labels must be a sequence of strings, not a string")
         if not labels:
@@ -787,17 +789,18 @@ class State:
                 queue_time=utcnow(),
             )
             self._jobs[request_id] = self._open[request_id] = job
-            if route:
+            if assign_to is None:
                 self._schedule()
-                self._touch()
+            else:
+                job.scale_set_id = assign_to
+                self._assign(job, utcnow())
+            self._touch()
             return request_id
 
     def assign_job(self, scale_set_id: int, *, duration: float, display_name: str | None) -> int:
         with self.lock:
             scale_set = self._scale_set(scale_set_id)
-            if duration < 0:
-                raise ValueError("duration must not be negative")
-            request_id = self.queue_job(
+            return self.queue_job(
                 [name for name, _ in scale_set.labels] or ["self-hosted"],
                 duration=duration,
                 result="succeeded",
@@ -806,13 +809,8 @@ class State:
                 workflow="ci.yml",
                 display_name=display_name,
                 event_name="push",
-                route=False,
+                assign_to=scale_set.id,
             )
-            job = self._jobs[request_id]
-            job.scale_set_id = scale_set.id
-            self._assign(job, utcnow())
-            self._touch()
-            return request_id
 
     def cancel_job(self, request_id: int) -> None:
         with self.lock:
